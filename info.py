@@ -1,0 +1,14 @@
+"""The project's identity: shown by `--version` and stored in every checkpoint."""
+
+NAME = "srcnn"
+VERSION = "0.1.0"
+DESCRIPTION = "SRCNN single-image super-resolution (x3) in PyTorch: train, evaluate, super-resolve."
+CITATION = (
+    "C. Dong, C. C. Loy, K. He, X. Tang. Image Super-Resolution Using Deep Convolutional Networks. "
+    "IEEE TPAMI 38(2):295-307, 2016 (ECCV 2014: Learning a Deep Convolutional Network for "
+    "Image Super-Resolution)."
+)
+
+
+def version_string() -> str:
+    return f"{NAME} {VERSION}: {DESCRIPTION}\nCite: {CITATION}"
