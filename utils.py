@@ -1,0 +1,184 @@
+"""Shared helpers: metrics, image/tensor conversion, checkpoint I/O, seeding, device, CLI errors."""
+
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLIs print it as one line, without a traceback."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a CLI entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        sys.exit(main() or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- images and tensors
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An 8-bit PIL image (L or RGB) as a uint8 C x H x W tensor."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the 256 levels a saved 8-bit image has, as uint8."""
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """A 1- or 3-channel tensor in [0, 1] (or uint8) as an 8-bit PIL image."""
+    if x.dtype != torch.uint8:
+        x = quantize(x)
+    array = x.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma as MATLAB's rgb2ycbcr: RGB in [0, 255] -> Y in [16, 235], channel dim -3."""
+    r, g, b = x.unbind(-3)
+    return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+
+
+def _metric_planes(sr: torch.Tensor, hr: torch.Tensor, shave: int, y_channel: bool) -> tuple:
+    """Both images as float64 in [0, 255], 8-bit rounded, reduced to Y if asked, borders shaved."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"shape mismatch: {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    planes = []
+    for x in (sr, hr):
+        x = (x if x.dtype == torch.uint8 else quantize(x)).double()
+        if y_channel and x.shape[-3] == 3:
+            x = rgb_to_y(x).unsqueeze(-3)
+        if shave:
+            x = x[..., shave:-shave, shave:-shave]
+        planes.append(x)
+    return tuple(planes)
+
+
+def psnr(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = True) -> float:
+    """PSNR in dB of one C x H x W image pair, on the 8-bit rounded output (BasicSR convention).
+
+    Float inputs are taken to be in [0, 1]; uint8 inputs in [0, 255].
+    """
+    sr, hr = _metric_planes(sr, hr, shave, y_channel)
+    mse = torch.mean((sr - hr) ** 2).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = True) -> float:
+    """SSIM of one C x H x W image pair: 11x11 Gaussian (sigma 1.5), valid region, as BasicSR."""
+    sr, hr = _metric_planes(sr, hr, shave, y_channel)
+    channels = sr.shape[-3]
+    window = _gaussian_window().expand(channels, 1, 11, 11)
+    x, y = sr.unsqueeze(0), hr.unsqueeze(0)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=channels)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean().item()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely (tensors and primitives only; pickled code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then rejects
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except Exception as err:  # torch raises many types for broken files; classify by the message
+        unsafe = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise UserError(
+                f"{path} refused: it would load {unsafe.group(1)} (a pickle that can run code); "
+                "checkpoints may hold only tensors and plain data"
+            ) from None
+        raise UserError(f"{path} is not a valid checkpoint (truncated or corrupt file)") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+# ---------------------------------------------------------------- reproducibility and devices
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_device(cuda: bool) -> torch.device:
+    if not cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--cuda given but no CUDA device is available; run without --cuda to use the CPU")
+    return torch.device("cuda")
