@@ -1,0 +1,244 @@
+"""Images on disk: loading, the degradation, training patches, evaluation sets, downloading.
+
+Run `python data.py download` to fetch the data sets listed in datasets.tsv.
+"""
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils import UserError, image_to_tensor, run_cli
+
+IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
+MANIFEST = Path(__file__).with_name("datasets.tsv")
+DEFAULT_DATA_ROOT = "datasets"
+
+
+def default_data_root() -> str:
+    return os.environ.get("SRCNN_DATA_ROOT", DEFAULT_DATA_ROOT)
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, turned upright as a viewer shows it (EXIF orientation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path}: image too large, refused as a possible decompression bomb ({err})") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: broken image file ({err})") from None
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image as 8-bit RGB: what training and evaluation work on."""
+    image = load_image(path)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = to_8bit_gray(image)
+    return image.convert("RGB")
+
+
+def to_8bit_gray(image: Image.Image) -> Image.Image:
+    """Integer or float grayscale (16-bit PNG and the like) scaled down to 8 bits."""
+    array = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(array / peak * 255), 0, 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- the degradation
+
+
+def modcrop(image: Image.Image, scale: int) -> Image.Image:
+    """Crop (never resize) so that both sides are multiples of `scale`."""
+    width, height = image.size
+    return image.crop((0, 0, width - width % scale, height - height % scale))
+
+
+def downscale(hr: Image.Image, scale: int) -> Image.Image:
+    """The low-resolution image: modcrop, then Pillow bicubic down by `scale`."""
+    hr = modcrop(hr, scale)
+    return hr.resize((hr.width // scale, hr.height // scale), Image.Resampling.BICUBIC)
+
+
+def upscale(lr: Image.Image, scale: int) -> Image.Image:
+    """The network's input: Pillow bicubic up by `scale`."""
+    return lr.resize((lr.width * scale, lr.height * scale), Image.Resampling.BICUBIC)
+
+
+def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
+    """(bicubic input, modcropped HR): the one pair every part of the project trains and tests on."""
+    if min(hr.size) < scale:
+        raise UserError(f"image of {hr.width}x{hr.height} is too small for x{scale}")
+    return upscale(downscale(hr, scale), scale), modcrop(hr, scale)
+
+
+# ---------------------------------------------------------------- data sets
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data set folder not found: {folder} ({fix_hint(folder)})")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"no images in {folder} ({fix_hint(folder)})")
+    return images
+
+
+def fix_hint(folder: Path) -> str:
+    name = folder.name
+    if name in known_sets():
+        return f"fix: python data.py download --root {folder.parent} --sets {name}"
+    return "fix: put images in it, or pass --data-root DIR with one folder per set (T91/, Set5/, ...)"
+
+
+def load_pairs(folder: str | Path, scale: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, bicubic input, HR) for every image of a folder, as uint8 3 x H x W tensors."""
+    pairs = []
+    for path in list_images(folder):
+        lr_up, hr = degrade(load_rgb(path), scale)
+        pairs.append((path.stem, image_to_tensor(lr_up), image_to_tensor(hr)))
+    return pairs
+
+
+class TrainingPatches:
+    """All (input, target) patch pairs of a folder, held in memory as uint8 N x 3 x P x P tensors.
+
+    `offset` shifts the patch grid inside each image, so every epoch can see fresh crops at the
+    cost of one cheap re-extraction; offset 0 is the assignment's fixed grid.
+    """
+
+    def __init__(self, folder: str | Path, scale: int, patch_size: int, stride: int) -> None:
+        self.images = [(x, y) for _, x, y in load_pairs(folder, scale)]
+        self.patch_size, self.stride = patch_size, stride
+        if all(min(x.shape[1:]) < patch_size for x, _ in self.images):
+            raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")
+        self.inputs, self.targets = self.extract(0)
+
+    def extract(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p, s = self.patch_size, self.stride
+        inputs, targets = [], []
+        for x, y in self.images:
+            o = offset if min(x.shape[1:]) >= p + offset else 0
+            for source, out in ((x, inputs), (y, targets)):
+                grid = source[:, o:, o:].unfold(1, p, s).unfold(2, p, s)  # 3, rows, cols, p, p
+                out.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p))
+        return torch.cat(inputs), torch.cat(targets)
+
+    def reshuffle_grid(self, generator: torch.Generator) -> None:
+        """Move the patch grid to a random offset in [0, stride)."""
+        offset = int(torch.randint(self.stride, (1,), generator=generator))
+        self.inputs, self.targets = self.extract(offset)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def read_manifest() -> list[dict]:
+    with open(MANIFEST, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def known_sets() -> list[str]:
+    return sorted({row["dataset"] for row in read_manifest()})
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_verified(path: Path, size: int, sha256: str) -> bool:
+    return path.is_file() and path.stat().st_size == size and sha256_of(path) == sha256
+
+
+def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -> None:
+    """Stream `url` into a temporary file beside `dest`, check size and sha256, rename into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        digest, received = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 16), b""):
+                received += len(block)
+                if received > size:
+                    break
+                digest.update(block)
+                f.write(block)
+        if received != size:
+            raise UserError(f"{url}: got {received} bytes, expected {size}; the bad file was not kept")
+        if digest.hexdigest() != sha256:
+            raise UserError(f"{url}: sha256 mismatch (corrupt download); the bad file was not kept")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise UserError(
+            f"cannot download {url}: {reason}. Offline? Copy the sets into a folder and pass --data-root DIR"
+        ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def download(root: str | Path, sets: list[str], base_url: str | None = None) -> int:
+    """Fetch the files of `sets` into root/<set>/, skipping those already verified."""
+    from tqdm import tqdm
+
+    rows = [row for row in read_manifest() if row["dataset"] in sets]
+    unknown = set(sets) - {row["dataset"] for row in rows}
+    if unknown:
+        raise UserError(f"unknown data set(s) {', '.join(sorted(unknown))}; known: {', '.join(known_sets())}")
+    fetched = 0
+    for row in tqdm(rows, desc="download", unit="file"):
+        dest = Path(root) / row["dataset"] / row["file"]
+        size, sha256 = int(row["bytes"]), row["sha256"]
+        if is_verified(dest, size, sha256):
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
+        fetch(url, dest, size, sha256)
+        fetched += 1
+    return fetched
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Data sets for SRCNN.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    get = sub.add_parser("download", help="fetch and verify the data sets listed in datasets.tsv")
+    get.add_argument("--root", default=default_data_root(), help="folder to fill (default: %(default)s)")
+    get.add_argument("--sets", nargs="+", default=known_sets(), help="which sets (default: all)")
+    get.add_argument(
+        "--base-url",
+        default=os.environ.get("SRCNN_DATA_URL"),
+        help="fetch <base-url>/<set>/<file> instead of the manifest's URLs (env SRCNN_DATA_URL)",
+    )
+    args = parser.parse_args(argv)
+    fetched = download(args.root, args.sets, args.base_url)
+    print(f"{fetched} file(s) fetched; {', '.join(args.sets)} verified in {args.root}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
