@@ -1,0 +1,344 @@
+"""Train SRCNN, resume training, inspect and evaluate checkpoints.
+
+    python train.py train --lr=0.001 --batch-size=128 --num-epoch=20 --save-freq=2
+    python train.py resume checkpoints/last.pth --num-epoch=200
+    python train.py inspect checkpoints/best.pth
+    python train.py evaluate checkpoint.pth --sets Set5 Set14
+"""
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import info
+from data import TrainingPatches, default_data_root, load_pairs
+from model import SRCNN, init_identity_
+from super_resolve import evaluate, load_model
+from utils import UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
+
+CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so training can save before it exits."""
+
+
+# ---------------------------------------------------------------- one step, and a batch for it
+
+
+def train_step(
+    model: SRCNN, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, border: int = 0
+) -> float:
+    """One MSE/Adam update, the loss taken `border` pixels in from the patch edge; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    outputs = model(inputs)
+    if border:
+        outputs, targets = outputs[..., border:-border, border:-border], targets[..., border:-border, border:-border]
+    loss = F.mse_loss(outputs, targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def make_batch(
+    patches: TrainingPatches, index: torch.Tensor, transform: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 patches -> float [0, 1] on `device`, under one of the 8 flips/rotations (0 = none)."""
+    pair = []
+    for source in (patches.inputs, patches.targets):
+        x = source[index].to(device, non_blocking=True).float().div_(255)
+        if transform & 4:
+            x = x.flip(-1)
+        pair.append(x.rot90(transform & 3, (-2, -1)).contiguous(memory_format=torch.channels_last))
+    return pair[0], pair[1]
+
+
+def learning_rate(args: dict, progress: float) -> float:
+    """The learning rate at `progress` (epochs done, fractional) of `num_epoch`."""
+    if args["lr_decay"] == "cosine":
+        t = min(progress / args["num_epoch"], 1.0)
+        return args["min_lr"] + (args["lr"] - args["min_lr"]) * 0.5 * (1 + math.cos(math.pi * t))
+    return args["lr"]
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def build(args: dict, device: torch.device) -> tuple[SRCNN, torch.optim.Optimizer]:
+    model = SRCNN()
+    if args["init"] == "identity":
+        init_identity_(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    return model, torch.optim.Adam(model.parameters(), lr=args["lr"])
+
+
+def checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, position=None) -> dict:
+    """The plain dict every checkpoint is: tensors and primitives only (loads with weights_only)."""
+    return {
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "args": dict(args),
+        "epoch": epoch,
+        "history": list(history),
+        "best_psnr": best_psnr,
+        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
+        "scale": args["scale"],
+        "version": info.VERSION,
+        "position": position,  # mid-epoch progress (interrupted.pth only), else None
+    }
+
+
+def fit(args: dict, state: dict | None = None) -> int:
+    """Train until args['num_epoch'] epochs are done, from scratch or from a checkpoint `state`."""
+    device = choose_device(args["cuda"])
+    data_root = Path(args["data_root"])
+    patches = TrainingPatches(data_root / args["train_set"], args["scale"], args["patch_size"], args["stride"])
+    eval_pairs = load_pairs(data_root / args["eval_set"], args["scale"])
+    out_dir = Path(args["checkpoint_dir"])
+
+    seed_everything(args["seed"])
+    model, optimizer = build(args, device)
+    generator = torch.Generator().manual_seed(args["seed"])
+    epoch, history, best_psnr, position = 0, [], -math.inf, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, history, best_psnr = state["epoch"], state["history"], state["best_psnr"]
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["generator"])
+        position = state.get("position")
+    print(
+        f"training on {len(patches)} patches of {args['patch_size']}x{args['patch_size']} from "
+        f"{data_root / args['train_set']}, {device}, epochs {epoch + 1}..{args['num_epoch']}",
+        file=sys.stderr,
+    )
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while epoch < args["num_epoch"]:
+            epoch_state = generator.get_state()  # an interrupted epoch replays its draws from here
+            done, loss_sum, seconds = position or (0, 0.0, 0.0)
+            position = None
+            if args["fresh_crops"]:
+                patches.reshuffle_grid(generator)
+            order = torch.randperm(len(patches), generator=generator)
+            batches = order.split(args["batch_size"])
+            transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=generator)
+            model.train()
+            start = time.perf_counter() - seconds
+            bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
+            try:
+                for i in range(done, len(batches)):
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(args, epoch + i / len(batches))
+                    inputs, targets = make_batch(patches, batches[i], int(transforms[i]), device)
+                    loss = train_step(model, optimizer, inputs, targets, args["loss_border"])
+                    if not math.isfinite(loss):
+                        raise UserError(
+                            f"loss became {loss} at epoch {epoch + 1}, batch {i + 1}; training stopped, "
+                            f"checkpoints in {out_dir} are untouched (try a lower --lr)"
+                        )
+                    loss_sum += loss * len(batches[i])
+                    done = i + 1
+                    bar.update()
+                    if done % 10 == 0:
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix(loss=f"{loss:.5f}", patches_s=f"{done * args['batch_size'] / elapsed:.0f}")
+            except (KeyboardInterrupt, Terminated) as stop:
+                bar.close()
+                generator.set_state(epoch_state)
+                position = (done, loss_sum, time.perf_counter() - start)
+                path = out_dir / "interrupted.pth"
+                save_checkpoint(
+                    checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, position), path
+                )
+                print(f"\ninterrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
+                return 143 if isinstance(stop, Terminated) else 130
+            bar.close()
+            seconds = time.perf_counter() - start
+            epoch += 1
+            model.eval()
+            scores = evaluate(model, eval_pairs, args["scale"], device)
+            record = {
+                "epoch": epoch,
+                "loss": loss_sum / len(patches),
+                "psnr": scores["psnr"],
+                "ssim": scores["ssim"],
+                "seconds": seconds,
+                "patches_per_s": len(patches) / seconds,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(record)
+            print(
+                f"epoch {epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  "
+                f"SSIM {record['ssim']:.4f}  {seconds:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
+                flush=True,
+            )
+            improved = record["psnr"] > best_psnr
+            best_psnr = max(best_psnr, record["psnr"])
+            ckpt = checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator)
+            save_checkpoint(ckpt, out_dir / "last.pth")
+            if improved:
+                save_checkpoint(ckpt, out_dir / "best.pth")
+            if epoch % args["save_freq"] == 0 or epoch == args["num_epoch"]:
+                save_checkpoint(ckpt, out_dir / f"checkpoint.{epoch}.pth")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    print(f"done: best {args['eval_set']} PSNR {best_psnr:.3f} dB; checkpoints in {out_dir}", file=sys.stderr)
+    return 0
+
+
+def validate_training_checkpoint(path: str, state: dict) -> None:
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
+    load_model(path, torch.device("cpu"))  # checks the weights' names and shapes
+
+
+# ---------------------------------------------------------------- inspect and evaluate
+
+
+def count_parameters(state: dict) -> int:
+    return sum(v.numel() for v in state.values())
+
+
+def inspect(path: str, as_json: bool) -> int:
+    state = load_checkpoint(path)
+    _, scale, _ = load_model(path, torch.device("cpu"))
+    history = state.get("history", [])
+    summary = {
+        "path": path,
+        "version": state.get("version"),
+        "scale": scale,
+        "epoch": state.get("epoch"),
+        "parameters": count_parameters(state.get("model", state)),
+        "best_psnr": state.get("best_psnr"),
+        "last_psnr": history[-1]["psnr"] if history else None,
+        "args": state.get("args", {}),
+        "history": history,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{path}: SRCNN x{scale}, {summary['parameters']:,} parameters, epoch {summary['epoch']}, "
+          f"version {summary['version']}")
+    for key, value in sorted(summary["args"].items()):
+        print(f"  {key:14s} {value}")
+    if history:
+        print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB")
+        print(f"{'epoch':>6} {'loss':>10} {'PSNR':>8} {'SSIM':>7} {'lr':>9} {'time s':>8} {'patches/s':>10}")
+        for h in history:
+            print(f"{h['epoch']:6d} {h['loss']:10.6f} {h['psnr']:8.3f} {h['ssim']:7.4f} {h.get('lr', 0):9.2e} "
+                  f"{h['seconds']:8.1f} {h['patches_per_s']:10.0f}")
+    return 0
+
+
+def evaluate_command(path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool) -> int:
+    device = choose_device(cuda)
+    model, scale, _ = load_model(path, device)
+    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved"
+          + (", x8 self-ensemble" if self_ensemble else ""))
+    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
+    for name in sets:
+        pairs = load_pairs(Path(data_root) / name, scale)
+        bicubic = evaluate(None, pairs, scale, device)
+        ours = evaluate(model, pairs, scale, device, self_ensemble)
+        print(f"{name:8s} {len(pairs):6d} {bicubic['psnr']:8.2f} / {bicubic['ssim']:.4f} "
+              f"{ours['psnr']:8.2f} / {ours['ssim']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
+    """The training flags; for `resume` they default to 'not given' so the saved values stand."""
+
+    def flag(*names, **kwargs):
+        if resume:
+            kwargs["default"] = argparse.SUPPRESS
+            kwargs["help"] = kwargs.get("help", "").split(" (default")[0]
+        parser.add_argument(*names, **kwargs)
+
+    flag("--cuda", action="store_true", help="train on the GPU")
+    flag("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    flag("--batch-size", type=int, default=128, help="patches per step (default: %(default)s)")
+    flag("--num-epoch", type=int, default=100, help="train until this many epochs in total (default: %(default)s)")
+    flag("--save-freq", type=int, default=10, help="write checkpoint.<epoch>.pth every N epochs (default: %(default)s)")
+    flag("--scale", type=int, default=3, help="upscaling factor (default: %(default)s)")
+    flag("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    flag("--data-root", default=default_data_root(), help="folder with one folder per set (default: %(default)s)")
+    flag("--train-set", default="T91", help="training set folder (default: %(default)s)")
+    flag("--eval-set", default="Set5", help="evaluation set folder (default: %(default)s)")
+    flag("--patch-size", type=int, default=33, help="training patch size (default: %(default)s)")
+    flag("--stride", type=int, default=14, help="patch grid stride (default: %(default)s)")
+    flag("--checkpoint-dir", default="checkpoints", help="where checkpoints go (default: %(default)s)")
+    flag("--lr-decay", choices=["none", "cosine"], default="none", help="learning-rate schedule (default: %(default)s)")
+    flag("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine schedule (default: %(default)s)")
+    flag("--augment", action="store_true", help="random flips/rotations of each batch")
+    flag("--fresh-crops", action="store_true", help="move the patch grid to a random offset every epoch")
+    flag("--loss-border", type=int, default=0,
+         help="ignore this many pixels at each patch edge in the loss; 6 = only where zero padding has no "
+              "effect, as the paper's unpadded training (default: %(default)s)")
+    flag("--init", choices=["default", "identity"], default="default",
+         help="weight initialisation: PyTorch's default, or the identity mapping (default: %(default)s)")
+
+
+def positive_int_args(args: dict) -> None:
+    for key in ("batch_size", "num_epoch", "save_freq", "patch_size", "stride"):
+        if args[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
+    if args["scale"] < 2:
+        raise UserError("--scale must be at least 2")
+    if not args["lr"] > 0:
+        raise UserError("--lr must be positive")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.")
+    parser.add_argument("--version", action="version", version=info.version_string())
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_training_flags(sub.add_parser("train", help="train a new model"), resume=False)
+    resume = sub.add_parser("resume", help="continue training from a checkpoint; given flags override saved ones")
+    resume.add_argument("checkpoint")
+    add_training_flags(resume, resume=True)
+    insp = sub.add_parser("inspect", help="show a checkpoint's arguments and history")
+    insp.add_argument("checkpoint")
+    insp.add_argument("--json", action="store_true", help="print JSON")
+    ev = sub.add_parser("evaluate", help="Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
+    ev.add_argument("--data-root", default=default_data_root())
+    ev.add_argument("--cuda", action="store_true")
+    ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
+    args = parser.parse_args(argv)
+
+    if args.command == "inspect":
+        return inspect(args.checkpoint, args.json)
+    if args.command == "evaluate":
+        return evaluate_command(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble)
+    if args.command == "train":
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        positive_int_args(options)
+        return fit(options)
+    state = load_checkpoint(args.checkpoint)
+    validate_training_checkpoint(args.checkpoint, state)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
+    options = {**state["args"], "cuda": False, **given}  # the device is chosen anew by each run
+    positive_int_args(options)
+    return fit(options, state)
+
+
+if __name__ == "__main__":
+    run_cli(main)
