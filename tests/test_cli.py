@@ -1,0 +1,107 @@
+"""The CLIs end to end, through subprocesses, as a user runs them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run
+from data import downscale
+
+TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(mini_root, tmp_path_factory):
+    """One epoch of training on the tiny data root; returns its checkpoint folder."""
+    out = tmp_path_factory.mktemp("run")
+    result = run("train.py", "train", *TRAIN, "--data-root", str(mini_root), "--checkpoint-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "epoch    1" in result.stdout and "PSNR" in result.stdout
+    return out
+
+
+def test_train_writes_every_checkpoint_loadable_with_weights_only(trained):
+    assert sorted(p.name for p in trained.iterdir()) == ["best.pth", "checkpoint.1.pth", "last.pth"]
+    for path in trained.iterdir():
+        state = torch.load(path, weights_only=True)
+        assert {"model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version"} <= set(state)
+        assert state["epoch"] == 1 and state["scale"] == 3 and isinstance(state["args"], dict)
+
+
+def test_inspect_text_and_json(trained):
+    text = run("train.py", "inspect", str(trained / "last.pth"))
+    assert text.returncode == 0 and "20,099 parameters" in text.stdout and "lr" in text.stdout
+    result = run("train.py", "inspect", str(trained / "last.pth"), "--json")
+    summary = json.loads(result.stdout)
+    assert summary["epoch"] == 1 and summary["parameters"] == 20_099
+    assert summary["args"]["batch_size"] == 8 and len(summary["history"]) == 1
+
+
+def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
+    result = run("train.py", "resume", str(trained / "last.pth"), "--num-epoch", "2",
+                 "--checkpoint-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert state["args"]["num_epoch"] == 2 and state["args"]["batch_size"] == 8 and state["args"]["lr"] == 1e-3
+
+
+def test_evaluate_reports_bicubic_and_model(trained, mini_root):
+    result = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root), "--sets", "Set5")
+    assert result.returncode == 0, result.stderr
+    assert "bicubic" in result.stdout and "Set5" in result.stdout
+
+
+def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
+    hr = Image.open(mini_root / "Set5" / "baby.png")
+    downscale(hr, 3).save(tmp_path / "lr.bmp")
+    result = run("super_resolve.py", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
+                 "--gt", str(mini_root / "Set5" / "baby.png"))
+    assert result.returncode == 0, result.stderr
+    out = Image.open(tmp_path / "lr_srcnn_x3.png")
+    assert out.size == (60, 60) and out.mode == "RGB"
+    assert "bicubic" in result.stdout and "srcnn" in result.stdout and "PSNR" in result.stdout
+
+
+def test_resume_is_exact(mini_root, tmp_path):
+    """2 epochs in one run == 1 epoch + resume for 1, bit for bit (augmentation and fresh crops on)."""
+    flags = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops", "--data-root", str(mini_root))
+    assert run("train.py", "train", *flags, "--num-epoch", "2", "--checkpoint-dir", str(tmp_path / "a")).returncode == 0
+    assert run("train.py", "train", *flags, "--num-epoch", "1", "--checkpoint-dir", str(tmp_path / "b")).returncode == 0
+    result = run("train.py", "resume", str(tmp_path / "b" / "last.pth"), "--num-epoch", "2")
+    assert result.returncode == 0, result.stderr
+    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_interrupted_checkpoint_that_resumes(mini_root, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "train", "--batch-size", "1", "--num-epoch", "50",
+           "--data-root", str(mini_root), "--checkpoint-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not (tmp_path / "last.pth").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    state = torch.load(tmp_path / "interrupted.pth", weights_only=True)
+    assert state["position"] is not None
+    result = run("train.py", "resume", str(tmp_path / "interrupted.pth"), "--num-epoch", str(state["epoch"] + 1))
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == state["epoch"] + 1
+
+
+def test_version_flags():
+    for script in ("train.py", "super_resolve.py"):
+        result = run(script, "--version")
+        assert result.returncode == 0 and "srcnn" in result.stdout and "Dong" in result.stdout

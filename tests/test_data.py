@@ -1,0 +1,93 @@
+import functools
+import http.server
+import shutil
+import socket
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_clean_error, run
+from data import TrainingPatches, degrade, download, load_pairs, read_manifest
+from utils import UserError
+
+
+def test_degradation_sizes_modcrop_not_resize():
+    hr = Image.new("RGB", (100, 71))
+    lr_up, hr_cropped = degrade(hr, 3)
+    assert hr_cropped.size == (99, 69) and lr_up.size == (99, 69)
+    assert hr_cropped.getbbox() == hr.crop((0, 0, 99, 69)).getbbox()
+
+
+def test_evaluation_pairs_are_uint8_and_same_size(mini_root):
+    pairs = load_pairs(mini_root / "Set5", 3)
+    assert [name for name, _, _ in pairs] == ["baby", "bird"]
+    for _, x, y in pairs:
+        assert x.dtype == torch.uint8 and x.shape == y.shape == (3, 60, 60)
+
+
+def test_patch_count_and_content(mini_root):
+    patches = TrainingPatches(mini_root / "T91", scale=3, patch_size=33, stride=14)
+    per_side = (72 - 33) // 14 + 1  # 3
+    assert len(patches) == 2 * per_side**2
+    assert patches.inputs.dtype == torch.uint8 and patches.inputs.shape == (18, 3, 33, 33)
+    _, x, y = load_pairs(mini_root / "T91", 3)[0]
+    assert torch.equal(patches.inputs[1], x[:, 0:33, 14:47])
+    assert torch.equal(patches.targets[3], y[:, 14:47, 0:33])
+
+
+def test_t91_patch_count(shared_data):
+    assert 21_800 <= len(TrainingPatches(shared_data / "T91", 3, 33, 14)) <= 22_000
+
+
+def test_images_smaller_than_patch_are_refused(tmp_path):
+    (tmp_path / "T91").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "T91" / "small.png")
+    with pytest.raises(UserError, match="smaller than the patch size"):
+        TrainingPatches(tmp_path / "T91", 3, 33, 14)
+
+
+@pytest.fixture()
+def data_server(shared_data, tmp_path):
+    """http.server on 127.0.0.1 serving a copy of Set5 (a copy, so a test may corrupt it)."""
+    served = tmp_path / "served"
+    shutil.copytree(shared_data / "Set5", served / "Set5")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", served
+    server.shutdown()
+
+
+def test_download_fetches_verifies_and_skips(data_server, tmp_path):
+    url, _ = data_server
+    root = tmp_path / "datasets"
+    result = run("data.py", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in read_manifest() if r["dataset"] == "Set5"]
+    assert sorted(p.name for p in (root / "Set5").iterdir()) == sorted(r["file"] for r in rows)
+    assert download(root, ["Set5"], url) == 0  # everything verified: nothing fetched again
+
+
+def test_download_rejects_corrupt_file(data_server, tmp_path):
+    url, served = data_server
+    victim = served / "Set5" / "bird.png"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    root = tmp_path / "datasets"
+    result = run("data.py", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    assert_clean_error(result, "sha256", "bird.png")
+    assert not (root / "Set5" / "bird.png").exists()
+    assert not list((root / "Set5").glob(".*part"))
+
+
+def test_download_unreachable_server_says_how_to_work_offline(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    result = run("data.py", "download", "--root", str(tmp_path), "--sets", "Set5",
+                 env={"SRCNN_DATA_URL": f"http://127.0.0.1:{port}"})
+    assert_clean_error(result, "--data-root")

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from data import load_pairs
+from utils import psnr, quantize, rgb_to_y, ssim
+
+
+def test_psnr_of_one_level_difference_by_hand():
+    hr = torch.full((3, 10, 10), 100, dtype=torch.uint8)
+    sr = hr + 1
+    assert psnr(sr, hr, y_channel=False) == pytest.approx(10 * math.log10(255**2 / 1.0))
+    y_diff = (65.481 + 128.553 + 24.966) / 255  # Y moves by 219/255 per RGB level
+    assert psnr(sr, hr) == pytest.approx(10 * math.log10(255**2 / y_diff**2))
+
+
+def test_psnr_shaves_border_and_rounds_to_8_bit():
+    hr = torch.zeros(3, 12, 12, dtype=torch.uint8)
+    sr = hr.clone()
+    sr[:, 0, :] = 255  # only in the shaved border
+    assert psnr(sr, hr, shave=3) == math.inf
+    float_sr = torch.full((3, 12, 12), 0.4 / 255)  # rounds to level 0 like a saved image
+    assert psnr(float_sr, hr) == math.inf
+
+
+def test_rgb_to_y_matches_matlab_range():
+    assert rgb_to_y(torch.zeros(3, 1, 1)).item() == pytest.approx(16.0)
+    assert rgb_to_y(torch.full((3, 1, 1), 255.0)).item() == pytest.approx(235.0)
+
+
+def test_ssim_of_constant_images_by_hand():
+    a, b = 100.0, 120.0
+    c1 = (0.01 * 255) ** 2
+    x = torch.full((3, 16, 16), int(a), dtype=torch.uint8)
+    y = torch.full((3, 16, 16), int(b), dtype=torch.uint8)
+    ya, yb = 16 + 219 / 255 * a, 16 + 219 / 255 * b
+    assert ssim(x, x) == pytest.approx(1.0)
+    assert ssim(x, y) == pytest.approx((2 * ya * yb + c1) / (ya**2 + yb**2 + c1), rel=1e-9)
+
+
+def test_ssim_falls_as_noise_grows():
+    torch.manual_seed(0)
+    hr = torch.linspace(0.2, 0.8, 32).expand(3, 32, 32)
+    noise = torch.randn(3, 32, 32)
+    scores = [ssim(quantize(hr + level * noise), quantize(hr)) for level in (0.0, 0.01, 0.05, 0.2)]
+    assert scores[0] == pytest.approx(1.0)
+    assert scores[0] > scores[1] > scores[2] > scores[3] > 0
+
+
+@pytest.mark.parametrize("name, expected", [("Set5", 30.40), ("Set14", 27.63)])
+def test_bicubic_baseline(shared_data, name, expected):
+    pairs = load_pairs(shared_data / name, 3)
+    mean = sum(psnr(x, y, shave=3) for _, x, y in pairs) / len(pairs)
+    assert mean == pytest.approx(expected, abs=0.02)

@@ -1,0 +1,27 @@
+import torch
+
+from model import SRCNN, init_identity_
+
+
+def test_layers_and_parameter_count():
+    model = SRCNN()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {
+        "conv1.weight": (64, 3, 9, 9), "conv1.bias": (64,),
+        "conv2.weight": (32, 64, 1, 1), "conv2.bias": (32,),
+        "conv3.weight": (3, 32, 5, 5), "conv3.bias": (3,),
+    }
+    assert sum(p.numel() for p in model.parameters()) == 20_099
+
+
+def test_output_has_input_size():
+    out = SRCNN()(torch.rand(2, 3, 17, 23))
+    assert out.shape == (2, 3, 17, 23)
+
+
+def test_identity_init_passes_input_through():
+    torch.manual_seed(0)
+    model = SRCNN()
+    init_identity_(model, noise_std=0.0)
+    x = torch.rand(1, 3, 20, 20)
+    assert torch.allclose(model(x), x, atol=1e-6)
