@@ -9,6 +9,7 @@
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -103,6 +104,12 @@ def fit(args: dict, state: dict | None = None) -> int:
     patches = TrainingPatches(data_root / args["train_set"], args["scale"], args["patch_size"], args["stride"])
     eval_pairs = load_pairs(data_root / args["eval_set"], args["scale"])
     out_dir = Path(args["checkpoint_dir"])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create checkpoint folder {out_dir}: {err.strerror or err}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"checkpoint folder {out_dir} is not writable")
 
     seed_everything(args["seed"])
     model, optimizer = build(args, device)
