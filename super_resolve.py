@@ -12,7 +12,17 @@ from PIL import Image
 import info
 from data import degrade, load_image, to_8bit_gray, upscale
 from model import SRCNN
-from utils import UserError, choose_device, image_to_tensor, load_checkpoint, psnr, run_cli, ssim, tensor_to_image
+from utils import (
+    UserError,
+    choose_device,
+    image_to_tensor,
+    load_checkpoint,
+    psnr,
+    quantize,
+    run_cli,
+    ssim,
+    tensor_to_image,
+)
 
 RECEPTIVE_RADIUS = 6  # 9x9 then 1x1 then 5x5: an output pixel sees 6 pixels each way
 DEFAULT_TILE = 512
@@ -42,59 +52,61 @@ def load_model(path: str | Path, device: torch.device) -> tuple[SRCNN, int, dict
     scale = checkpoint.get("scale", 3)
     if not isinstance(scale, int) or scale < 2:
         raise UserError(f"{path}: invalid scale {scale!r}")
-    return model.to(device).eval(), scale, checkpoint
+    return model.to(device, memory_format=torch.channels_last).eval(), scale, checkpoint
 
 
 # ---------------------------------------------------------------- the network on whole images
 
 
-@torch.no_grad()
-def run_tiled(model: SRCNN, x: torch.Tensor, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """The network on a 1 x 3 x H x W input, tile by tile with enough overlap to be exact."""
-    _, _, height, width = x.shape
-    if height <= tile and width <= tile:
-        return model(x)
-    out = torch.empty_like(x)
+def tile_windows(height: int, width: int, tile: int):
+    """(output window, input window) pairs covering an image: each input window adds
+    RECEPTIVE_RADIUS pixels of context, so the network's result on it is exact in the output window.
+
+    Windows are (top, bottom, left, right); the output window is given relative to the input one too.
+    """
     r = RECEPTIVE_RADIUS
     for top in range(0, height, tile):
         for left in range(0, width, tile):
             bottom, right = min(top + tile, height), min(left + tile, width)
-            t0, l0 = max(top - r, 0), max(left - r, 0)
-            patch = model(x[:, :, t0 : min(bottom + r, height), l0 : min(right + r, width)])
-            out[:, :, top:bottom, left:right] = patch[:, :, top - t0 : bottom - t0, left - l0 : right - l0]
-    return out
+            t0, b0, l0, r0 = max(top - r, 0), min(bottom + r, height), max(left - r, 0), min(right + r, width)
+            yield (top, bottom, left, right), (t0, b0, l0, r0)
 
 
-@torch.no_grad()
-def enhance(model: SRCNN, x: torch.Tensor, self_ensemble: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """SRCNN output in [0, 1] for a bicubic-upscaled 1 x 3 x H x W input in [0, 1].
-
-    With `self_ensemble`, the mean over the 8 flips/rotations of the input (each undone).
-    """
-    if not self_ensemble:
-        return run_tiled(model, x, tile).clamp_(0, 1)
+def forward_ensemble(model: SRCNN, x: torch.Tensor) -> torch.Tensor:
+    """Mean of the network over the 8 flips/rotations of `x`, each undone."""
     total = torch.zeros_like(x)
     for k in range(4):
         for flip in (False, True):
             t = x.flip(-1) if flip else x
-            y = run_tiled(model, t.rot90(k, (-2, -1)), tile).rot90(-k, (-2, -1))
+            y = model(t.rot90(k, (-2, -1))).rot90(-k, (-2, -1))
             total += y.flip(-1) if flip else y
-    return total.div_(8).clamp_(0, 1)
-
-
-def to_input(image_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 3 x H x W -> float 1 x 3 x H x W in [0, 1] on `device`."""
-    return image_u8.to(device).float().div_(255).unsqueeze(0)
+    return total / 8
 
 
 @torch.no_grad()
-def evaluate(
-    model: SRCNN | None, pairs: list, scale: int, device: torch.device, self_ensemble: bool = False
-) -> dict:
+def enhance(model: SRCNN, image: torch.Tensor, self_ensemble: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
+    """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W.
+
+    Works tile by tile, so memory stays bounded for any image size on CPU and GPU alike, with
+    enough overlap that the result equals whole-image inference.
+    """
+    device = next(model.parameters()).device
+    _, height, width = image.shape
+    out = torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as images are
+    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
+        x = image[:, t0:b0, l0:r0].to(device).float().div_(255).unsqueeze(0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = forward_ensemble(model, x) if self_ensemble else model(x)
+        out[:, top:bottom, left:right] = quantize(y[0, :, top - t0 : bottom - t0, left - l0 : right - l0]).cpu()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool = False) -> dict:
     """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic."""
     psnrs, ssims = [], []
     for _, lr_up, hr in pairs:
-        sr = lr_up if model is None else enhance(model, to_input(lr_up, device), self_ensemble)[0].cpu()
+        sr = lr_up if model is None else enhance(model, lr_up, self_ensemble)
         psnrs.append(psnr(sr, hr, shave=scale))
         ssims.append(ssim(sr, hr, shave=scale))
     return {"psnr": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims)}
@@ -114,13 +126,10 @@ def split_modes(image: Image.Image) -> tuple[Image.Image, Image.Image | None, bo
     return image.convert("RGB"), alpha, gray
 
 
-def super_resolve_image(
-    model: SRCNN, image: Image.Image, scale: int, device: torch.device, self_ensemble: bool = False
-) -> Image.Image:
+def super_resolve_image(model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False) -> Image.Image:
     """Upscale a low-resolution image of any mode by `scale`: bicubic, then SRCNN."""
     rgb, alpha, gray = split_modes(image)
-    sr = enhance(model, to_input(image_to_tensor(upscale(rgb, scale)), device), self_ensemble)
-    out = tensor_to_image(sr[0].cpu())
+    out = tensor_to_image(enhance(model, image_to_tensor(upscale(rgb, scale)), self_ensemble))
     if gray:
         out = out.convert("L")
     if alpha is not None:
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.inputs:
         source = Path(name)
         lr = load_image(source)
-        sr = super_resolve_image(model, lr, scale, device, args.self_ensemble)
+        sr = super_resolve_image(model, lr, scale, args.self_ensemble)
         dest = output_path(source, args.output, scale, many=len(args.inputs) > 1)
         save_image(sr, dest)
         print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")

@@ -36,11 +36,11 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An 8-bit PIL image (L or RGB) as a uint8 C x H x W tensor."""
-    array = np.asarray(image, dtype=np.uint8)
+    """An 8-bit PIL image (L or RGB) as a uint8 C x H x W tensor (a view of H x W x C memory)."""
+    array = np.array(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
