@@ -1,0 +1,168 @@
+"""Benchmark: training and inference speed on this machine, in one run.
+
+    python bench.py            # full run (a few minutes)
+    python bench.py --quick    # short run
+    python bench.py --json     # also print the figures as JSON
+
+Training throughput of train.py's own step is measured against a textbook loop (a Dataset that
+returns one float32 patch pair per item, a shuffling DataLoader, default memory format), the two
+alternating in one run, so the ratio holds whatever else the machine does.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from model import SRCNN
+from super_resolve import super_resolve_image
+from train import CPU_CHUNK, train_step
+
+PATCH, BATCH = 33, 128
+
+
+class TextbookPatches(Dataset):
+    """What the popular SRCNN ports do: one float32 (input, target) pair per __getitem__."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i].float() / 255, self.targets[i].float() / 255
+
+
+def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    model = SRCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = DataLoader(TextbookPatches(inputs, targets), batch_size=BATCH, shuffle=True)
+    start = time.perf_counter()
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return len(inputs) / (time.perf_counter() - start)
+
+
+def our_epoch(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """train.py's path: uint8 patches in memory, converted per batch, channels_last, chunked step."""
+    model = SRCNN().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    start = time.perf_counter()
+    for index in torch.randperm(len(inputs)).split(BATCH):
+        x = inputs[index].float().div_(255).contiguous(memory_format=torch.channels_last)
+        y = targets[index].float().div_(255).contiguous(memory_format=torch.channels_last)
+        train_step(model, optimizer, x, y, chunk=CPU_CHUNK)
+    return len(inputs) / (time.perf_counter() - start)
+
+
+def training_flops_per_patch(size: int = PATCH) -> float:
+    """Convolution FLOPs of one patch's forward + backward pass, counting what is computed:
+    forward and weight gradient of every layer, input gradient of all but the first."""
+    model = SRCNN()
+    flops = 0.0
+    for i, conv in enumerate((model.conv1, model.conv2, model.conv3)):
+        macs = conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * size * size
+        flops += 2 * macs * (2 if i == 0 else 3)
+    return flops
+
+
+def matmul_gflops(seconds: float) -> float:
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def inference_megapixels(model: SRCNN, repeats: int) -> float:
+    image = Image.fromarray(torch.randint(0, 256, (512, 512, 3), dtype=torch.uint8).numpy())
+    super_resolve_image(model, image, 3)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = super_resolve_image(model, image, 3)
+    return repeats * out.width * out.height / (time.perf_counter() - start) / 1e6
+
+
+def super_resolve_peak_rss(size: int) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of `python super_resolve.py` on a size x size LR image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, lr = Path(tmp) / "w.pth", Path(tmp) / "lr.png"
+        torch.save(SRCNN().state_dict(), weights)
+        Image.effect_noise((size, size), 64).convert("RGB").save(lr)
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("super_resolve.py")), "--checkpoint", str(weights), str(lr)],
+            check=True, capture_output=True,
+        )
+        seconds = time.perf_counter() - start
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args()
+    rounds, patches = (2, 1024) if args.quick else (4, 4096)
+    torch.manual_seed(0)
+    inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
+    targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
+
+    ours, textbook = [], []
+    our_epoch(inputs[:256], targets[:256])  # warm-up
+    textbook_epoch(inputs[:256], targets[:256])
+    for _ in range(rounds):  # alternate A/B so both see the same machine
+        ours.append(our_epoch(inputs, targets))
+        textbook.append(textbook_epoch(inputs, targets))
+    peak = matmul_gflops(2 if args.quick else 5)
+    our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
+    achieved = our_rate * training_flops_per_patch() / 1e9
+
+    model = SRCNN().to(memory_format=torch.channels_last).eval()
+    megapixels = inference_megapixels(model, 1 if args.quick else 3)
+    rss_size = 1000 if args.quick else 2000
+    rss, rss_seconds = super_resolve_peak_rss(rss_size)
+
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "train_patches_per_s_ours": round(our_rate, 1),
+        "train_patches_per_s_textbook": round(textbook_rate, 1),
+        "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
+        "train_gflops": round(achieved, 1),
+        "matmul_gflops": round(peak, 1),
+        "fraction_of_matmul_peak": round(achieved / peak, 3),
+        "inference_megapixels_per_s": round(megapixels, 2),
+        "super_resolve_lr_size": rss_size,
+        "super_resolve_peak_rss_mib": round(rss, 1),
+        "super_resolve_seconds": round(rss_seconds, 1),
+    }
+    print(f"machine                          {results['machine']}")
+    print(f"training, patches/s (33x33, b128) ours {our_rate:.0f}  textbook {textbook_rate:.0f}  "
+          f"ratio {our_rate / textbook_rate:.2f}x")
+    print(f"training GFLOP/s                 {achieved:.1f} of matmul {peak:.1f} ({achieved / peak:.0%})")
+    print(f"inference (512x512 LR -> x3)     {megapixels:.2f} megapixels/s")
+    print(f"super_resolve.py {rss_size}x{rss_size} LR     peak RSS {rss:.0f} MiB, {rss_seconds:.1f} s")
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
