@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
 from data import TrainingPatches, default_data_root, load_pairs
 from model import SRCNN, init_identity_
-from super_resolve import evaluate, load_model
+from super_resolve import evaluate, load_model, save_image
 from utils import UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
@@ -235,9 +236,8 @@ def count_parameters(state: dict) -> int:
     return sum(v.numel() for v in state.values())
 
 
-def inspect(path: str, as_json: bool) -> int:
-    state = load_checkpoint(path)
-    _, scale, _ = load_model(path, torch.device("cpu"))
+def inspect(path: str, as_json: bool, plot: str | None) -> int:
+    _, scale, state = load_model(path, torch.device("cpu"))
     history = state.get("history", [])
     summary = {
         "path": path,
@@ -263,7 +263,49 @@ def inspect(path: str, as_json: bool) -> int:
         for h in history:
             print(f"{h['epoch']:6d} {h['loss']:10.6f} {h['psnr']:8.3f} {h['ssim']:7.4f} {h.get('lr', 0):9.2e} "
                   f"{h['seconds']:8.1f} {h['patches_per_s']:10.0f}")
+    if plot:
+        if not history:
+            raise UserError(f"{path} has no training history to plot")
+        eval_set = summary["args"].get("eval_set", "evaluation set")
+        panels = [("training loss (MSE, log scale)", [h["loss"] for h in history], True),
+                  (f"{eval_set} Y-PSNR (dB)", [h["psnr"] for h in history], False)]
+        save_image(plot_curves(panels, [h["epoch"] for h in history]), Path(plot))
+        print(f"plot written to {plot}")
     return 0
+
+
+def plot_curves(panels: list[tuple[str, list[float], bool]], epochs: list[int]) -> Image.Image:
+    """Side-by-side line charts, one per (title, values, log scale), against epoch; Pillow only."""
+    width, height = 560, 400
+    canvas = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, values, log) in enumerate(panels):
+        draw_panel(draw, (i * width + 72, 36, (i + 1) * width - 24, height - 44), title, epochs, values, log)
+    return canvas
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, title: str, epochs: list[int], values: list[float], log: bool):
+    font = ImageFont.load_default(size=14)
+    x0, y0, x1, y1 = box
+    ys = [math.log10(v) if log else v for v in values]
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1
+    first, last = epochs[0], max(epochs[-1], epochs[0] + 1)
+
+    def point(epoch: float, y: float) -> tuple[float, float]:
+        return x0 + (epoch - first) / (last - first) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)
+
+    draw.rectangle(box, outline="black")
+    draw.text(((x0 + x1) / 2, y0 - 26), title, fill="black", font=font, anchor="mt")
+    for k in range(5):
+        y = lo + (hi - lo) * k / 4
+        tick = point(first, y)[1]
+        draw.line((x0 - 4, tick, x0, tick), fill="black")
+        draw.text((x0 - 6, tick), f"{10**y:.1e}" if log else f"{y:.2f}", fill="black", font=font, anchor="rm")
+        epoch = round(first + (last - first) * k / 4)
+        draw.text((point(epoch, lo)[0], y1 + 6), str(epoch), fill="black", font=font, anchor="mt")
+    draw.text(((x0 + x1) / 2, y1 + 26), "epoch", fill="black", font=font, anchor="mt")
+    draw.line([point(e, y) for e, y in zip(epochs, ys, strict=True)], fill=(31, 119, 180), width=2)
 
 
 def evaluate_command(path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool) -> int:
@@ -338,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     insp = sub.add_parser("inspect", help="show a checkpoint's arguments and history")
     insp.add_argument("checkpoint")
     insp.add_argument("--json", action="store_true", help="print JSON")
+    insp.add_argument("--plot", metavar="PATH", help="draw loss and PSNR per epoch into an image (e.g. curve.png)")
     ev = sub.add_parser("evaluate", help="Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint")
     ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
@@ -347,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "inspect":
-        return inspect(args.checkpoint, args.json)
+        return inspect(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
         return evaluate_command(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble)
     if args.command == "train":

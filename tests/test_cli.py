@@ -35,9 +35,10 @@ def test_train_writes_every_checkpoint_loadable_with_weights_only(trained):
         assert state["epoch"] == 1 and state["scale"] == 3 and isinstance(state["args"], dict)
 
 
-def test_inspect_text_and_json(trained):
-    text = run("train.py", "inspect", str(trained / "last.pth"))
+def test_inspect_text_json_and_plot(trained, tmp_path):
+    text = run("train.py", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "curve.png"))
     assert text.returncode == 0 and "20,099 parameters" in text.stdout and "lr" in text.stdout
+    assert Image.open(tmp_path / "curve.png").size == (1120, 400)
     result = run("train.py", "inspect", str(trained / "last.pth"), "--json")
     summary = json.loads(result.stdout)
     assert summary["epoch"] == 1 and summary["parameters"] == 20_099
