@@ -1,5 +1,6 @@
 """Shared fixtures: the real data sets from ../shared/data, small copies of them, a CLI runner."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SRCNN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -19,6 +22,23 @@ def run(script: str, *args: str, timeout: float = 120, **kwargs) -> subprocess.C
         [sys.executable, str(ROOT / script), *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=kwargs.pop("cwd", ROOT), **kwargs,
     )
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run a CLI's main() in this process (no torch import per call): returns what a run returns."""
+
+    def call(module: str, *args: str) -> subprocess.CompletedProcess:
+        main = importlib.import_module(module).main
+        capsys.readouterr()
+        try:
+            run_cli(lambda: main(list(args)))
+        except SystemExit as done:
+            code = done.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+
+    return call
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -33,76 +33,78 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_bare_state_dict_is_accepted(weights, lr_image, tmp_path):
-    result = run("super_resolve.py", "--checkpoint", str(weights), str(lr_image), "--output", str(tmp_path / "o.png"))
+def test_bare_state_dict_is_accepted(cli, weights, lr_image, tmp_path):
+    result = cli("super_resolve", "--checkpoint", str(weights), str(lr_image), "--output", str(tmp_path / "o.png"))
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "o.png").size == (36, 30)
 
 
-def test_missing_and_non_image_inputs(weights, tmp_path):
-    assert_clean_error(run("super_resolve.py", "--checkpoint", str(weights), str(tmp_path / "nope.png")), "not found")
+def test_missing_and_non_image_inputs(cli, weights, tmp_path):
+    assert_clean_error(cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "nope.png")), "not found")
     text = tmp_path / "text.png"
     text.write_text("hello, not an image")
-    assert_clean_error(run("super_resolve.py", "--checkpoint", str(weights), str(text)), "text.png")
+    assert_clean_error(cli("super_resolve", "--checkpoint", str(weights), str(text)), "text.png")
 
 
-def test_truncated_and_random_checkpoints(weights, lr_image, tmp_path):
+def test_truncated_and_random_checkpoints(cli, weights, lr_image, tmp_path):
     data = weights.read_bytes()
     for name, content in (("half.pth", data[: len(data) // 2]), ("random.pth", os.urandom(5000)), ("empty.pth", b"")):
         (tmp_path / name).write_bytes(content)
-        result = run("super_resolve.py", "--checkpoint", str(tmp_path / name), str(lr_image))
+        result = cli("super_resolve", "--checkpoint", str(tmp_path / name), str(lr_image))
         assert_clean_error(result, name)
 
 
-def test_checkpoint_of_something_else_names_missing_keys(lr_image, tmp_path):
+def test_checkpoint_of_something_else_names_missing_keys(cli, lr_image, tmp_path):
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pth")
-    result = run("super_resolve.py", "--checkpoint", str(tmp_path / "other.pth"), str(lr_image))
+    result = cli("super_resolve", "--checkpoint", str(tmp_path / "other.pth"), str(lr_image))
     assert_clean_error(result, "missing keys", "conv1.weight")
-    assert_clean_error(run("train.py", "resume", str(tmp_path / "other.pth")), "missing keys")
+    assert_clean_error(cli("train", "resume", str(tmp_path / "other.pth")), "missing keys")
 
 
-def test_wrong_shapes_are_refused(lr_image, tmp_path):
+def test_wrong_shapes_are_refused(cli, lr_image, tmp_path):
     state = SRCNN().state_dict()
     state["conv1.weight"] = torch.zeros(64, 1, 9, 9)
     torch.save(state, tmp_path / "shape.pth")
-    assert_clean_error(run("super_resolve.py", "--checkpoint", str(tmp_path / "shape.pth"), str(lr_image)), "shape")
+    assert_clean_error(cli("super_resolve", "--checkpoint", str(tmp_path / "shape.pth"), str(lr_image)), "shape")
 
 
-def test_code_running_pickle_is_refused_and_nothing_runs(lr_image, tmp_path):
+def test_code_running_pickle_is_refused_and_nothing_runs(cli, lr_image, tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": RunsCode(marker)}, f)
     torch.save({"model": RunsCode(marker)}, tmp_path / "evil_zip.pth")
     for name in ("evil.pth", "evil_zip.pth"):
-        assert_clean_error(run("super_resolve.py", "--checkpoint", str(tmp_path / name), str(lr_image)), name)
-        assert_clean_error(run("train.py", "inspect", str(tmp_path / name)), name)
+        assert_clean_error(cli("super_resolve", "--checkpoint", str(tmp_path / name), str(lr_image)), name)
+        assert_clean_error(cli("train", "inspect", str(tmp_path / name)), name)
+    result = run("train.py", "resume", str(tmp_path / "evil_zip.pth"))  # the real CLI, in its own process
+    assert_clean_error(result, "refused", "can run code")
     assert not marker.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
-def test_cuda_without_cuda(weights, lr_image, mini_root, tmp_path):
-    assert_clean_error(run("super_resolve.py", "--cuda", "--checkpoint", str(weights), str(lr_image)), "cuda")
-    result = run("train.py", "train", "--cuda", "--data-root", str(mini_root), "--checkpoint-dir", str(tmp_path))
+def test_cuda_without_cuda(cli, weights, lr_image, mini_root, tmp_path):
+    assert_clean_error(cli("super_resolve", "--cuda", "--checkpoint", str(weights), str(lr_image)), "cuda")
+    result = cli("train", "train", "--cuda", "--data-root", str(mini_root), "--checkpoint-dir", str(tmp_path))
     assert_clean_error(result, "cuda")
 
 
-def test_missing_or_empty_data_folder_prints_the_fix(tmp_path):
-    result = run("train.py", "train", "--data-root", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c"))
+def test_missing_or_empty_data_folder_prints_the_fix(cli, tmp_path):
+    result = cli("train", "train", "--data-root", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c"))
     assert_clean_error(result, "T91", "python data.py download")
     (tmp_path / "T91").mkdir()
-    result = run("train.py", "train", "--data-root", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c"))
+    result = cli("train", "train", "--data-root", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c"))
     assert_clean_error(result, "no images")
 
 
-def test_training_images_smaller_than_patch(tmp_path, mini_root):
+def test_training_images_smaller_than_patch(cli, tmp_path, mini_root):
     (tmp_path / "T91").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "T91" / "tiny.png")
-    result = run("train.py", "train", "--data-root", str(tmp_path), "--eval-set", str(mini_root / "Set5"))
+    result = cli("train", "train", "--data-root", str(tmp_path), "--eval-set", str(mini_root / "Set5"))
     assert_clean_error(result, "smaller than the patch size")
 
 
-def test_unwritable_output(weights, lr_image, tmp_path):
+def test_unwritable_output(cli, weights, lr_image, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
-    result = run("super_resolve.py", "--checkpoint", str(weights), str(lr_image), "--output", str(blocker / "o.png"))
+    result = cli("super_resolve", "--checkpoint", str(weights), str(lr_image), "--output", str(blocker / "o.png"))
     assert_clean_error(result, "cannot write")
