@@ -30,8 +30,29 @@ CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
 CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
 
 
-class Terminated(Exception):
-    """SIGTERM, turned into an exception so training can save before it exits."""
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current batch, saving first;
+    a second signal stops at once (checkpoints already written stay intact: writes are atomic)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nstopping after this batch (signal again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup'ed runs keep ignoring SIGINT
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------- one step, and a batch for it
@@ -144,11 +165,7 @@ def fit(args: dict, state: dict | None = None) -> int:
         file=sys.stderr,
     )
 
-    def on_sigterm(signum, frame):
-        raise Terminated
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    with StopRequest() as stop:
         while epoch < args["num_epoch"]:
             epoch_state = generator.get_state()  # an interrupted epoch replays its draws from here
             done, loss_sum, seconds = position or (0, 0.0, 0.0)
@@ -161,35 +178,32 @@ def fit(args: dict, state: dict | None = None) -> int:
             model.train()
             start = time.perf_counter() - seconds
             bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
-            try:
-                for i in range(done, len(batches)):
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(args, epoch + i / len(batches))
-                    inputs, targets = make_batch(patches, batches[i], int(transforms[i]), device)
-                    loss = train_step(model, optimizer, inputs, targets, args["loss_border"], chunk)
-                    if not math.isfinite(loss):
-                        raise UserError(
-                            f"loss became {loss} at epoch {epoch + 1}, batch {i + 1}; training stopped, "
-                            f"checkpoints in {out_dir} are untouched (try a lower --lr)"
-                        )
-                    loss_sum += loss * len(batches[i])
-                    done = i + 1
-                    bar.update()
-                    if done % 10 == 0:
-                        elapsed = time.perf_counter() - start
-                        bar.set_postfix(loss=f"{loss:.5f}", patches_s=f"{done * args['batch_size'] / elapsed:.0f}")
-            except (KeyboardInterrupt, Terminated) as stop:
-                bar.close()
-                generator.set_state(epoch_state)
-                position = (done, loss_sum, time.perf_counter() - start)
-                path = out_dir / "interrupted.pth"
-                save_checkpoint(
-                    checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, position), path
-                )
-                print(f"\ninterrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
-                return 143 if isinstance(stop, Terminated) else 130
+            for i in range(done, len(batches)):
+                if stop.signum:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, epoch + i / len(batches))
+                inputs, targets = make_batch(patches, batches[i], int(transforms[i]), device)
+                loss = train_step(model, optimizer, inputs, targets, args["loss_border"], chunk)
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise UserError(
+                        f"loss became {loss} at epoch {epoch + 1}, batch {i + 1}; training stopped, "
+                        f"checkpoints in {out_dir} are untouched (try a lower --lr)"
+                    )
+                loss_sum += loss * len(batches[i])
+                done = i + 1
+                bar.update()
+                if done % 10 == 0:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss:.5f}", patches_s=f"{done * args['batch_size'] / elapsed:.0f}")
             bar.close()
             seconds = time.perf_counter() - start
+            if done < len(batches):  # stopped mid-epoch: save where we are, to resume exactly here
+                generator.set_state(epoch_state)
+                position = (done, loss_sum, seconds)
+                ckpt = checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, position)
+                return save_interrupted(ckpt, out_dir, stop.signum)
             epoch += 1
             model.eval()
             scores = evaluate(model, eval_pairs, args["scale"])
@@ -216,10 +230,17 @@ def fit(args: dict, state: dict | None = None) -> int:
                 save_checkpoint(ckpt, out_dir / "best.pth")
             if epoch % args["save_freq"] == 0 or epoch == args["num_epoch"]:
                 save_checkpoint(ckpt, out_dir / f"checkpoint.{epoch}.pth")
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+            if stop.signum:
+                return save_interrupted(ckpt, out_dir, stop.signum)
     print(f"done: best {args['eval_set']} PSNR {best_psnr:.3f} dB; checkpoints in {out_dir}", file=sys.stderr)
     return 0
+
+
+def save_interrupted(checkpoint: dict, out_dir: Path, signum: int) -> int:
+    path = out_dir / "interrupted.pth"
+    save_checkpoint(checkpoint, path)
+    print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
+    return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def validate_training_checkpoint(path: str, state: dict) -> None:
@@ -308,9 +329,11 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, title: str, epochs: list[i
     draw.line([point(e, y) for e, y in zip(epochs, ys, strict=True)], fill=(31, 119, 180), width=2)
 
 
-def evaluate_command(path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool) -> int:
+def evaluate_command(
+    path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool, scale: int | None
+) -> int:
     device = choose_device(cuda)
-    model, scale, _ = load_model(path, device)
+    model, scale, _ = load_model(path, device, scale)
     print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved"
           + (", x8 self-ensemble" if self_ensemble else ""))
     print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
@@ -387,12 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--data-root", default=default_data_root())
     ev.add_argument("--cuda", action="store_true")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
+    ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
     args = parser.parse_args(argv)
 
     if args.command == "inspect":
         return inspect(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
-        return evaluate_command(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble)
+        return evaluate_command(
+            args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale
+        )
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         positive_int_args(options)
@@ -400,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     state = load_checkpoint(args.checkpoint)
     validate_training_checkpoint(args.checkpoint, state)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
+    if given.get("scale", state["scale"]) != state["scale"]:
+        raise UserError(f"{args.checkpoint} was trained at x{state['scale']}; --scale {given['scale']} contradicts it")
     options = {**state["args"], "cuda": False, **given}  # the device is chosen anew by each run
     positive_int_args(options)
     return fit(options, state)

@@ -1,0 +1,165 @@
+"""Faults during training, through the real CLI in a subprocess: kill -9, a full disk, a loss
+that blows up, Ctrl-C and SIGTERM. Nothing already saved may be lost or left half-written."""
+
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_clean_error, run
+
+FAST = ("--batch-size", "2", "--lr", "1e-3", "--save-freq", "1")
+
+
+def train_cmd(mini_root, out, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "train", *FAST, "--data-root", str(mini_root),
+            "--checkpoint-dir", str(out), *extra]
+
+
+def assert_checkpoints_sound(folder):
+    """Every file under a final name loads under weights_only; nothing half-written sits there."""
+    finals = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    for path in finals:
+        state = torch.load(path, weights_only=True)
+        assert state["model"]["conv1.weight"].shape == (64, 3, 9, 9), path
+    return finals
+
+
+def wait_for_line(proc, text, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if text in line:
+            return
+        assert line or proc.poll() is None, "process ended early"
+    pytest.fail(f"no {text!r} within {timeout} s")
+
+
+KILL_TRIALS = """
+import os, random, shutil, signal, sys, time
+sys.path.insert(0, {root!r})
+import train, utils  # imported once; each trial forks a training process from here, killed with SIGKILL
+rng, out = random.Random(0), {out!r}
+for trial in range({trials}):
+    last = os.path.join(out, "last.pth")
+    argv = ["resume", last, "--num-epoch", "10000"] if trial % 2 and os.path.exists(last) else {train_args!r}
+    pid = os.fork()
+    if pid == 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        utils.run_cli(lambda: train.main(argv))
+    time.sleep(rng.uniform(0.3, 2.0))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if os.path.isdir(out):
+        shutil.copytree(out, os.path.join({snapshots!r}, str(trial)))
+"""
+
+
+def test_kill_minus_9_at_random_moments(mini_root, tmp_path):
+    out, snapshots = tmp_path / "ck", tmp_path / "snapshots"
+    train_args = ["train", *FAST, "--num-epoch", "10000", "--data-root", str(mini_root), "--checkpoint-dir", str(out)]
+    code = KILL_TRIALS.format(root=str(ROOT), out=str(out), trials=10, train_args=train_args,
+                              snapshots=str(snapshots))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    trials = sorted(snapshots.iterdir())
+    assert len(trials) >= 10
+    for trial in trials:  # the folder as each kill left it
+        assert_checkpoints_sound(trial)
+    epoch = torch.load(out / "last.pth", weights_only=True)["epoch"]
+    assert epoch >= 1
+    result = run("train.py", "resume", str(out / "last.pth"), "--num-epoch", str(epoch + 1))
+    assert result.returncode == 0, result.stderr
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+real_save, calls = torch.save, [0]
+def dying_save(obj, f):
+    calls[0] += 1
+    if calls[0] == {when}:
+        f.write(b"half a checkpoint"); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f)
+torch.save = dying_save
+import train, utils
+sys.argv = ["train.py", *{args!r}]
+utils.run_cli(train.main)
+"""
+
+
+@pytest.mark.parametrize("when", [1, 4])
+def test_kill_during_a_checkpoint_write(mini_root, tmp_path, when):
+    """SIGKILL in the middle of writing: the file under the final name is the previous one, whole."""
+    out = tmp_path / "ck"
+    args = ["train", *FAST, "--num-epoch", "3", "--data-root", str(mini_root), "--checkpoint-dir", str(out)]
+    code = KILL_DURING_SAVE.format(root=str(ROOT), when=when, args=args)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    finals = assert_checkpoints_sound(out)
+    if when == 1:
+        assert finals == []  # the first write died: no file under a final name at all
+    else:
+        assert {p.name for p in finals} >= {"last.pth", "best.pth", "checkpoint.1.pth"}
+        assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.fixture()
+def one_epoch(cli, mini_root, tmp_path):
+    out = tmp_path / "ck"
+    result = cli("train", *train_cmd(mini_root, out, "--num-epoch", "1")[2:])
+    assert result.returncode == 0, result.stderr
+    return out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(one_epoch):
+    out, before = one_epoch
+    limit = 64 * 1024  # smaller than a checkpoint: every write fails with EFBIG, as on a full disk
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "resume", str(out / "last.pth"), "--num-epoch", "2"],
+        capture_output=True, text=True, cwd=ROOT, preexec_fn=small_files,
+    )
+    assert_clean_error(result, "cannot write checkpoint", "last.pth")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # intact, and no temporary left
+
+
+def test_exploding_loss_stops_at_once_and_overwrites_nothing(cli, one_epoch):
+    out, before = one_epoch
+    result = cli("train", "resume", str(out / "last.pth"), "--num-epoch", "3", "--lr", "1e12")
+    assert_clean_error(result, "loss became", "lower --lr")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mini_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    flags = ("--batch-size", "1", "--num-epoch", "4", "--augment", "--fresh-crops")
+    cmd = [sys.executable, str(ROOT / "train.py"), "train", *flags, "--data-root", str(mini_root),
+           "--checkpoint-dir", str(out)]
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT).returncode == 0
+    return cmd, torch.load(out / "last.pth", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_interrupted_and_resume_is_exact(cli, uninterrupted, tmp_path, signum, code):
+    cmd, expected = uninterrupted
+    cmd = [*cmd[:-1], str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_line(proc, "epoch    1")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "interrupted.pth" in err
+    state = torch.load(tmp_path / "interrupted.pth", weights_only=True)
+    assert state["epoch"] < 4
+    result = cli("train", "resume", str(tmp_path / "interrupted.pth"))
+    assert result.returncode == 0, result.stderr
+    resumed = torch.load(tmp_path / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
