@@ -6,6 +6,7 @@ Run `python data.py download` to fetch the data sets listed in datasets.tsv.
 import argparse
 import csv
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from utils import UserError, image_to_tensor, run_cli
 
@@ -193,6 +195,10 @@ def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -
         if digest.hexdigest() != sha256:
             raise UserError(f"{url}: sha256 mismatch (corrupt download); the bad file was not kept")
         os.replace(tmp, dest)
+    except urllib.error.HTTPError as err:  # the server answered, but not with the file (404, 500, redirect loop)
+        raise UserError(f"cannot download {url}: HTTP {err.code} {err.reason}") from None
+    except http.client.HTTPException as err:  # e.g. the connection closed mid-file
+        raise UserError(f"cannot download {url}: {type(err).__name__}; the partial file was not kept") from None
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise UserError(
@@ -204,8 +210,6 @@ def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -
 
 def download(root: str | Path, sets: list[str], base_url: str | None = None) -> int:
     """Fetch the files of `sets` into root/<set>/, skipping those already verified."""
-    from tqdm import tqdm
-
     rows = [row for row in read_manifest() if row["dataset"] in sets]
     unknown = set(sets) - {row["dataset"] for row in rows}
     if unknown:

@@ -31,8 +31,9 @@ DEFAULT_TILE = 512
 # ---------------------------------------------------------------- the model from a checkpoint
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[SRCNN, int, dict]:
-    """(model in eval mode, scale, checkpoint) from one of our checkpoints or a bare state_dict."""
+def load_model(path: str | Path, device: torch.device, scale: int | None = None) -> tuple[SRCNN, int, dict]:
+    """(model in eval mode, scale, checkpoint) from one of our checkpoints or a bare state_dict
+    (taken to be x3). A `scale` given by the user must agree with the checkpoint's."""
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict):
@@ -49,10 +50,12 @@ def load_model(path: str | Path, device: torch.device) -> tuple[SRCNN, int, dict
         if value.shape != tensor.shape:
             raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
     model.load_state_dict({k: state[k].float() for k in expected})
-    scale = checkpoint.get("scale", 3)
-    if not isinstance(scale, int) or scale < 2:
-        raise UserError(f"{path}: invalid scale {scale!r}")
-    return model.to(device, memory_format=torch.channels_last).eval(), scale, checkpoint
+    saved_scale = checkpoint.get("scale", 3)
+    if not isinstance(saved_scale, int) or saved_scale < 2:
+        raise UserError(f"{path}: invalid scale {saved_scale!r}")
+    if scale is not None and scale != saved_scale:
+        raise UserError(f"{path} is an x{saved_scale} model; --scale {scale} contradicts it")
+    return model.to(device, memory_format=torch.channels_last).eval(), saved_scale, checkpoint
 
 
 # ---------------------------------------------------------------- the network on whole images
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="output file, or folder (default: <stem>_srcnn_x<scale>.png beside input)")
     parser.add_argument("--gt", help="high-resolution ground truth: print PSNR/SSIM of SRCNN and bicubic")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations (slower)")
+    parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
+    parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--version", action="version", version=info.version_string())
     args = parser.parse_args(argv)
@@ -171,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--gt needs exactly one input image")
 
     device = choose_device(args.cuda)
-    model, scale, _ = load_model(args.checkpoint, device)
+    model, scale, _ = load_model(args.checkpoint, device, args.scale)
     for name in args.inputs:
         source = Path(name)
+        dest = output_path(source, args.output, scale, many=len(args.inputs) > 1)
+        if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
+            raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
         lr = load_image(source)
         sr = super_resolve_image(model, lr, scale, args.self_ensemble)
-        dest = output_path(source, args.output, scale, many=len(args.inputs) > 1)
         save_image(sr, dest)
         print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")
         if args.gt:
