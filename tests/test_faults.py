@@ -51,7 +51,11 @@ for trial in range({trials}):
     if pid == 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
         utils.run_cli(lambda: train.main(argv))
-    time.sleep(rng.uniform(0.3, 2.0))
+    for _ in range(300):  # the first trial runs until a checkpoint exists, so later ones can resume
+        if os.path.exists(last):
+            break
+        time.sleep(0.1)
+    time.sleep(rng.uniform(0.0, 2.0))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     if os.path.isdir(out):
