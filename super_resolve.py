@@ -4,13 +4,16 @@
 """
 
 import argparse
+import glob
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import info
-from data import degrade, load_image, to_8bit_gray, upscale
+from data import IMAGE_SUFFIXES, degrade, load_image, to_8bit_gray, upscale
 from model import SRCNN
 from utils import (
     UserError,
@@ -160,46 +163,116 @@ def save_image(image: Image.Image, path: Path) -> None:
         raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
+def expand_inputs(names: list[str]) -> list[Path]:
+    """Files, folders (the images in them) and glob patterns, in order, each file once."""
+    paths: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            paths += [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        elif not path.exists() and any(c in name for c in "*?["):
+            paths += [Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file()]
+        else:
+            paths.append(path)
+    if not paths:
+        raise UserError(f"no images found in {' '.join(names)}")
+    return list(dict.fromkeys(paths))
+
+
+def parse_crop(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected x,y,w,h (four integers)") from None
+    if w < 1 or h < 1 or x < 0 or y < 0:
+        raise argparse.ArgumentTypeError("x, y must be >= 0 and w, h >= 1")
+    return x, y, w, h
+
+
+def compare_picture(panels: list[tuple[str, Image.Image]], crop: tuple[int, int, int, int] | None) -> Image.Image:
+    """Captioned images side by side; with `crop` (x, y, w, h), that region of each, enlarged."""
+    if crop:
+        x, y, w, h = crop
+        full = panels[0][1]
+        if x + w > full.width or y + h > full.height:
+            raise UserError(f"--crop {x},{y},{w},{h} lies outside the {full.width}x{full.height} output")
+        zoom = max(1, round(320 / max(w, h)))
+        panels = [(t, im.crop((x, y, x + w, y + h)).resize((w * zoom, h * zoom), Image.Resampling.NEAREST))
+                  for t, im in panels]
+    gap, caption = 8, 28
+    width, height = panels[0][1].size
+    canvas = Image.new("RGB", (len(panels) * (width + gap) - gap, height + caption), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=15)
+    for i, (title, image) in enumerate(panels):
+        left = i * (width + gap)
+        canvas.paste(image.convert("RGB"), (left, caption))
+        draw.text((left + width / 2, caption / 2), title, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def super_resolve_file(model: SRCNN, source: Path, dest: Path, scale: int, args: argparse.Namespace) -> None:
+    if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
+        raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
+    lr = load_image(source)
+    sr = super_resolve_image(model, lr, scale, args.self_ensemble)
+    save_image(sr, dest)
+    print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")
+    if not (args.gt or args.compare):
+        return
+    panels = [("bicubic", upscale(split_modes(lr)[0], scale)), ("SRCNN", split_modes(sr)[0])]
+    if args.gt:
+        gt = load_image(args.gt)
+        hr = degrade(split_modes(gt)[0], scale)[1]
+        if hr.size != sr.size:
+            raise UserError(f"--gt is {gt.width}x{gt.height}; expected {sr.width}x{sr.height} (input x{scale})")
+        hr_t = image_to_tensor(hr)
+        for i, (label, image) in enumerate(panels):
+            image_t = image_to_tensor(image)
+            p, s = psnr(image_t, hr_t, shave=scale), ssim(image_t, hr_t, shave=scale)
+            print(f"{label:8s} PSNR {p:.2f} dB  SSIM {s:.4f}")
+            panels[i] = (f"{label}  {p:.2f} dB / {s:.4f}", image)
+        panels.append(("ground truth", hr))
+    if args.compare:
+        save_image(compare_picture(panels, args.crop), Path(args.compare))
+        print(f"comparison written to {args.compare}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="low-resolution image(s)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a bare SRCNN state_dict")
     parser.add_argument("--output", help="output file, or folder (default: <stem>_srcnn_x<scale>.png beside input)")
     parser.add_argument("--gt", help="high-resolution ground truth: print PSNR/SSIM of SRCNN and bicubic")
+    parser.add_argument("--compare", metavar="PATH", help="write bicubic | SRCNN | ground truth side by side")
+    parser.add_argument("--crop", type=parse_crop, metavar="X,Y,W,H", help="with --compare: show this region enlarged")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations (slower)")
     parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
     parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--version", action="version", version=info.version_string())
     args = parser.parse_args(argv)
-    if args.gt and len(args.inputs) > 1:
-        raise UserError("--gt needs exactly one input image")
+    files = expand_inputs(args.inputs)
+    many = len(files) > 1 or any(Path(name).is_dir() for name in args.inputs)
+    if many and (args.gt or args.compare):
+        raise UserError("--gt and --compare need exactly one input image")
+    if args.crop and not args.compare:
+        raise UserError("--crop needs --compare")
 
     device = choose_device(args.cuda)
     model, scale, _ = load_model(args.checkpoint, device, args.scale)
-    for name in args.inputs:
-        source = Path(name)
-        dest = output_path(source, args.output, scale, many=len(args.inputs) > 1)
-        if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
-            raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
-        lr = load_image(source)
-        sr = super_resolve_image(model, lr, scale, args.self_ensemble)
-        save_image(sr, dest)
-        print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")
-        if args.gt:
-            report_against_gt(sr, lr, load_image(args.gt), scale)
-    return 0
-
-
-def report_against_gt(sr: Image.Image, lr: Image.Image, gt: Image.Image, scale: int) -> None:
-    """PSNR/SSIM of SRCNN and of bicubic against the ground truth, on the modcropped HR."""
-    hr = degrade(split_modes(gt)[0], scale)[1]
-    if hr.size != sr.size:
-        raise UserError(f"--gt is {gt.width}x{gt.height}; expected {sr.width}x{sr.height} (input x{scale})")
-    hr_t = image_to_tensor(hr)
-    bicubic = image_to_tensor(upscale(split_modes(lr)[0], scale))
-    for label, image_t in (("bicubic", bicubic), ("srcnn", image_to_tensor(split_modes(sr)[0]))):
-        print(f"{label:8s} PSNR {psnr(image_t, hr_t, shave=scale):.2f} dB  SSIM {ssim(image_t, hr_t, shave=scale):.4f}")
+    if not many:
+        super_resolve_file(model, files[0], output_path(files[0], args.output, scale, many), scale, args)
+        return 0
+    failed = 0
+    for source in tqdm(files, desc="super-resolve", unit="image", file=sys.stderr):
+        try:
+            super_resolve_file(model, source, output_path(source, args.output, scale, many), scale, args)
+        except UserError as err:
+            failed += 1
+            tqdm.write(f"warning: skipped {source}: {err}", file=sys.stderr)
+    print(f"{len(files) - failed} image(s) written, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
