@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train and examine SRCNN models.")
     parser.add_argument("--version", action="version", version=info.version_string())
     sub = parser.add_subparsers(dest="command", required=True)
-    add_training_flags(sub.add_parser("train", help="train a new model"), resume=False)
+    train_parser = sub.add_parser("train", help="train a new model")
+    add_training_flags(train_parser, resume=False)
     resume = sub.add_parser("resume", help="continue training from a checkpoint; given flags override saved ones")
     resume.add_argument("checkpoint")
     add_training_flags(resume, resume=True)
@@ -517,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
     if given.get("scale", state["scale"]) != state["scale"]:
         raise UserError(f"{args.checkpoint} was trained at x{state['scale']}; --scale {given['scale']} contradicts it")
-    options = {**state["args"], "cuda": False, **given}  # the device is chosen anew by each run
+    defaults = vars(train_parser.parse_args([]))  # for options newer than the checkpoint
+    options = {**defaults, **state["args"], "cuda": False, **given}  # the device is chosen anew by each run
     positive_int_args(options)
     return fit(options, state)
 
