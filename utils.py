@@ -135,12 +135,19 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict:
