@@ -1,12 +1,14 @@
 """The CLIs end to end, through subprocesses, as a user runs them."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run
+from conftest import ROOT, run
 from data import downscale
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
@@ -82,3 +84,9 @@ def test_version_flags():
     for script in ("train.py", "super_resolve.py"):
         result = run(script, "--version")
         assert result.returncode == 0 and "srcnn" in result.stdout and "Dong" in result.stdout
+
+
+def test_output_piped_into_head_is_no_traceback(trained):
+    result = subprocess.run(f"{sys.executable} train.py inspect {trained / 'last.pth'} | head -1", shell=True,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert "SRCNN x3" in result.stdout and "Traceback" not in result.stderr
