@@ -52,10 +52,18 @@ def load_image(path: str | Path) -> Image.Image:
 
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as 8-bit RGB: what training and evaluation work on."""
-    image = load_image(path)
+    return split_modes(load_image(path))[0]
+
+
+def split_modes(image: Image.Image) -> tuple[Image.Image, Image.Image | None, bool]:
+    """(8-bit RGB colour, alpha or None, was grayscale) for any image Pillow reads."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         image = to_8bit_gray(image)
-    return image.convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") else None
+    gray = image.mode in ("L", "LA", "La", "1")
+    return image.convert("RGB"), alpha, gray
 
 
 def to_8bit_gray(image: Image.Image) -> Image.Image:

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
-from data import IMAGE_SUFFIXES, degrade, load_image, to_8bit_gray, upscale
+from data import IMAGE_SUFFIXES, degrade, load_image, split_modes, upscale
 from model import SRCNN
 from utils import (
     UserError,
@@ -119,17 +119,6 @@ def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool =
 
 
 # ---------------------------------------------------------------- images of any mode
-
-
-def split_modes(image: Image.Image) -> tuple[Image.Image, Image.Image | None, bool]:
-    """(8-bit RGB colour, alpha or None, was grayscale) for any image Pillow reads."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        image = to_8bit_gray(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") else None
-    gray = image.mode in ("L", "LA", "La", "1")
-    return image.convert("RGB"), alpha, gray
 
 
 def super_resolve_image(model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False) -> Image.Image:
