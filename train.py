@@ -488,6 +488,8 @@ def positive_int_args(args: dict) -> None:
         raise UserError("--scale must be at least 2")
     if not args["lr"] > 0:
         raise UserError("--lr must be positive")
+    if not 0 <= args["loss_border"] < args["patch_size"] // 2:
+        raise UserError("--loss-border must be at least 0 and less than half the patch size")
 
 
 def main(argv: list[str] | None = None) -> int:
