@@ -12,6 +12,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +121,28 @@ def fix_hint(folder: Path) -> str:
     return "fix: put images in it, or pass --data-root DIR with one folder per set (T91/, Set5/, ...)"
 
 
-def load_pairs(folder: str | Path, scale: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, bicubic input, HR) for every image of a folder, as uint8 3 x H x W tensors."""
+def shrink(image: Image.Image, zoom: float) -> Image.Image:
+    """Pillow bicubic resize by `zoom` <= 1: the same scene with denser detail per pixel."""
+    if zoom == 1:
+        return image
+    size = (max(1, round(image.width * zoom)), max(1, round(image.height * zoom)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def load_pairs(
+    folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,)
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, bicubic input, HR) for every image of a folder (and every zoom of it), as uint8 3 x H x W tensors."""
     pairs = []
     for path in list_images(folder):
-        lr_up, hr = degrade(load_rgb(path), scale)
-        pairs.append((path.stem, image_to_tensor(lr_up), image_to_tensor(hr)))
+        image = load_rgb(path)
+        for zoom in zooms:
+            shrunk = shrink(image, zoom)
+            if min(shrunk.size) < scale:
+                continue
+            lr_up, hr = degrade(shrunk, scale)
+            name = path.stem if zoom == 1 else f"{path.stem}@{zoom:g}"
+            pairs.append((name, image_to_tensor(lr_up), image_to_tensor(hr)))
     return pairs
 
 
@@ -133,11 +150,14 @@ class TrainingPatches:
     """All (input, target) patch pairs of a folder, held in memory as uint8 N x 3 x P x P tensors.
 
     `offset` shifts the patch grid inside each image, so every epoch can see fresh crops at the
-    cost of one cheap re-extraction; offset 0 is the assignment's fixed grid.
+    cost of one cheap re-extraction; offset 0 is the assignment's fixed grid. `zooms` adds shrunk
+    copies of every image: more varied training detail from the same 91 images.
     """
 
-    def __init__(self, folder: str | Path, scale: int, patch_size: int, stride: int) -> None:
-        self.images = [(x, y) for _, x, y in load_pairs(folder, scale)]
+    def __init__(
+        self, folder: str | Path, scale: int, patch_size: int, stride: int, zooms: Sequence[float] = (1.0,)
+    ) -> None:
+        self.images = [(x, y) for _, x, y in load_pairs(folder, scale, zooms)]
         self.patch_size, self.stride = patch_size, stride
         if all(min(x.shape[1:]) < patch_size for x, _ in self.images):
             raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")

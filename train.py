@@ -202,7 +202,9 @@ def fit(args: dict, state: dict | None = None) -> int:
 def train_processes(args: dict, state: dict | None, device: torch.device, rank: int, world: int) -> int:
     main_process = rank == 0
     data_root = Path(args["data_root"])
-    patches = TrainingPatches(data_root / args["train_set"], args["scale"], args["patch_size"], args["stride"])
+    patches = TrainingPatches(
+        data_root / args["train_set"], args["scale"], args["patch_size"], args["stride"], args["zooms"]
+    )
     eval_pairs = load_pairs(data_root / args["eval_set"], args["scale"])
     out_dir = Path(args["checkpoint_dir"])
     chunk = CPU_CHUNK if device.type == "cpu" else None
@@ -478,6 +480,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16 (default: %(default)s)")
     flag("--init", choices=["default", "identity"], default="default",
          help="weight initialisation: PyTorch's default, or the identity mapping (default: %(default)s)")
+    flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
+         help="train on every training image shrunk by each of these factors, e.g. 1 0.9 0.8 0.7 0.6 "
+              "(default: %(default)s = as is)")
 
 
 def positive_int_args(args: dict) -> None:
@@ -490,6 +495,8 @@ def positive_int_args(args: dict) -> None:
         raise UserError("--lr must be positive")
     if not 0 <= args["loss_border"] < args["patch_size"] // 2:
         raise UserError("--loss-border must be at least 0 and less than half the patch size")
+    if not all(0 < z <= 1 for z in args["zooms"]):
+        raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
 
 
 def main(argv: list[str] | None = None) -> int:

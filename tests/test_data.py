@@ -4,6 +4,7 @@ import shutil
 import socket
 import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -35,6 +36,17 @@ def test_patch_count_and_content(mini_root):
     _, x, y = load_pairs(mini_root / "T91", 3)[0]
     assert torch.equal(patches.inputs[1], x[:, 0:33, 14:47])
     assert torch.equal(patches.targets[3], y[:, 14:47, 0:33])
+
+
+def test_zooms_add_shrunk_copies_of_each_training_image(mini_root):
+    pairs = load_pairs(mini_root / "T91", 3, zooms=(1.0, 0.5))
+    assert [name for name, _, _ in pairs] == ["t1", "t1@0.5", "tt1", "tt1@0.5"]
+    shrunk_x, shrunk_y = pairs[1][1:]
+    assert shrunk_x.shape == shrunk_y.shape == (3, 36, 36)  # 72 * 0.5, already a multiple of 3
+    original = Image.open(mini_root / "T91" / "t1.png").resize((36, 36), Image.Resampling.BICUBIC)
+    assert torch.equal(shrunk_y.permute(1, 2, 0), torch.from_numpy(np.array(original)))
+    patches = TrainingPatches(mini_root / "T91", 3, 33, 14, zooms=(1.0, 0.5))
+    assert len(patches) == 2 * 3**2 + 2 * 1  # 36 px holds one 33 px patch
 
 
 def test_t91_patch_count(shared_data):

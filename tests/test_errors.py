@@ -103,6 +103,13 @@ def test_training_images_smaller_than_patch(cli, tmp_path, mini_root):
     assert_clean_error(result, "smaller than the patch size")
 
 
+@pytest.mark.parametrize("flags", [("--loss-border", "16"), ("--zooms", "1", "0"), ("--zooms", "1.5")])
+def test_impossible_training_options(cli, mini_root, tmp_path, flags):
+    result = cli("train", "train", *flags, "--data-root", str(mini_root), "--checkpoint-dir", str(tmp_path))
+    assert_clean_error(result, flags[0])
+    assert not any(tmp_path.iterdir())
+
+
 def test_unwritable_output(cli, weights, lr_image, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
