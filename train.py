@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -143,7 +144,7 @@ def build(args: dict, device: torch.device) -> tuple[SRCNN, torch.optim.Optimize
     return model, torch.optim.Adam(model.parameters(), lr=args["lr"])
 
 
-def checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, position=None) -> dict:
+def checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, commands, position=None) -> dict:
     """The plain dict every checkpoint is: tensors and primitives only (loads with weights_only)."""
     return {
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -156,6 +157,7 @@ def checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator
         "scale": args["scale"],
         "version": info.VERSION,
         "position": position,  # mid-epoch progress (interrupted.pth only), else None
+        "commands": list(commands),  # every train/resume command line that led here, with its start epoch
     }
 
 
@@ -185,7 +187,7 @@ def amp_settings(args: dict, device: torch.device) -> tuple[torch.dtype | None, 
     return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
-def fit(args: dict, state: dict | None = None) -> int:
+def fit(args: dict, state: dict | None = None, command: str | None = None) -> int:
     """Train until args['num_epoch'] epochs are done, from scratch or from a checkpoint `state`.
 
     Under torchrun every process trains on its share of each batch (DistributedSampler, DDP);
@@ -193,13 +195,15 @@ def fit(args: dict, state: dict | None = None) -> int:
     """
     device, rank, world = setup_processes(args)
     try:
-        return train_processes(args, state, device, rank, world)
+        return train_processes(args, state, device, rank, world, command)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def train_processes(args: dict, state: dict | None, device: torch.device, rank: int, world: int) -> int:
+def train_processes(
+    args: dict, state: dict | None, device: torch.device, rank: int, world: int, command: str | None
+) -> int:
     main_process = rank == 0
     data_root = Path(args["data_root"])
     patches = TrainingPatches(
@@ -228,6 +232,7 @@ def train_processes(args: dict, state: dict | None, device: torch.device, rank: 
         torch.set_rng_state(state["rng"]["torch"])
         generator.set_state(state["rng"]["generator"])
         position = state.get("position")
+    commands = (state or {}).get("commands", []) + ([{"epoch": epoch, "command": command}] if command else [])
     model = DistributedDataParallel(net) if world > 1 else net
     if main_process:
         print(
@@ -275,7 +280,7 @@ def train_processes(args: dict, state: dict | None, device: torch.device, rank: 
             if done < len(batches):  # stopped mid-epoch: save where we are, to resume exactly here
                 generator.set_state(epoch_state)
                 position = (done, loss_sum, seconds)
-                ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator, position)
+                ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator, commands, position)
                 return save_interrupted(ckpt, out_dir, stop.signum, main_process)
             epoch += 1
             loss_sum = all_processes_sum(loss_sum, world)
@@ -300,7 +305,7 @@ def train_processes(args: dict, state: dict | None, device: torch.device, rank: 
             )
             improved = record["psnr"] > best_psnr
             best_psnr = max(best_psnr, record["psnr"])
-            ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator)
+            ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator, commands)
             save_checkpoint(ckpt, out_dir / "last.pth")
             if improved:
                 save_checkpoint(ckpt, out_dir / "best.pth")
@@ -365,6 +370,7 @@ def inspect(path: str, as_json: bool, plot: str | None) -> int:
         "best_psnr": state.get("best_psnr"),
         "last_psnr": history[-1]["psnr"] if history else None,
         "args": state.get("args", {}),
+        "commands": state.get("commands", []),
         "history": history,
     }
     if as_json:
@@ -374,6 +380,8 @@ def inspect(path: str, as_json: bool, plot: str | None) -> int:
           f"version {summary['version']}")
     for key, value in sorted(summary["args"].items()):
         print(f"  {key:14s} {value}")
+    for run in summary["commands"]:
+        print(f"  from epoch {run['epoch']}: {run['command']}")
     if history:
         print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB")
         print(f"{'epoch':>6} {'loss':>10} {'PSNR':>8} {'SSIM':>7} {'lr':>9} {'time s':>8} {'patches/s':>10}")
@@ -519,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--cuda", action="store_true")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
     ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    command = "python train.py " + shlex.join(argv)
 
     if args.command == "inspect":
         return inspect(args.checkpoint, args.json, args.plot)
@@ -530,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         positive_int_args(options)
-        return fit(options)
+        return fit(options, command=command)
     state = load_checkpoint(args.checkpoint)
     validate_training_checkpoint(args.checkpoint, state)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
@@ -539,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = vars(train_parser.parse_args([]))  # for options newer than the checkpoint
     options = {**defaults, **state["args"], "cuda": False, **given}  # the device is chosen anew by each run
     positive_int_args(options)
-    return fit(options, state)
+    return fit(options, state, command)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert state["args"]["num_epoch"] == 2 and state["args"]["batch_size"] == 8 and state["args"]["lr"] == 1e-3
+    assert [run["epoch"] for run in state["commands"]] == [0, 1]
+    assert state["commands"][0]["command"].startswith("python train.py train --num-epoch 1 --batch-size 8")
+    assert state["commands"][1]["command"] == (
+        f"python train.py resume {trained / 'last.pth'} --num-epoch 2 --checkpoint-dir {tmp_path}"
+    )
+    shown = run("train.py", "inspect", str(tmp_path / "last.pth")).stdout
+    assert f"from epoch 1: python train.py resume {trained / 'last.pth'}" in shown
 
 
 def test_evaluate_reports_bicubic_and_model(trained, mini_root):
