@@ -167,6 +167,8 @@ class TrainingPatches:
         p, s = self.patch_size, self.stride
         inputs, targets = [], []
         for x, y in self.images:
+            if min(x.shape[1:]) < p:
+                continue  # too small for one patch
             o = offset if min(x.shape[1:]) >= p + offset else 0
             for source, out in ((x, inputs), (y, targets)):
                 grid = source[:, o:, o:].unfold(1, p, s).unfold(2, p, s)  # 3, rows, cols, p, p

@@ -103,3 +103,13 @@ def test_download_unreachable_server_says_how_to_work_offline(tmp_path):
     result = run("data.py", "download", "--root", str(tmp_path), "--sets", "Set5",
                  env={"SRCNN_DATA_URL": f"http://127.0.0.1:{port}"})
     assert_clean_error(result, "--data-root")
+
+
+def test_images_smaller_than_a_patch_are_skipped_among_larger_ones(tmp_path):
+    (tmp_path / "T91").mkdir()
+    Image.new("RGB", (72, 72), "red").save(tmp_path / "T91" / "big.png")
+    Image.new("RGB", (90, 30), "blue").save(tmp_path / "T91" / "flat.png")  # 30 px high: no 33 px patch
+    patches = TrainingPatches(tmp_path / "T91", 3, 33, 14)
+    assert len(patches) == 3**2 and patches.inputs[:, 0].float().mean() > 200  # all from the red image
+    patches.reshuffle_grid(torch.Generator().manual_seed(0))
+    assert len(patches) in (2**2, 3**2)
