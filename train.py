@@ -195,7 +195,10 @@ def fit(args: dict, state: dict | None = None, command: str | None = None) -> in
     """
     device, rank, world = setup_processes(args)
     try:
-        return train_processes(args, state, device, rank, world, command)
+        status = train_processes(args, state, device, rank, world, command)
+        if world > 1:
+            dist.barrier()  # rank 0 still evaluates and saves: tear the group down together, not while in use
+        return status
     finally:
         if world > 1:
             dist.destroy_process_group()
