@@ -157,9 +157,10 @@ class TrainingPatches:
     def __init__(
         self, folder: str | Path, scale: int, patch_size: int, stride: int, zooms: Sequence[float] = (1.0,)
     ) -> None:
-        self.images = [(x, y) for _, x, y in load_pairs(folder, scale, zooms)]
+        pairs = load_pairs(folder, scale, zooms)
+        self.images = [(x, y) for _, x, y in pairs if min(x.shape[1:]) >= patch_size]  # the rest hold no patch
         self.patch_size, self.stride = patch_size, stride
-        if all(min(x.shape[1:]) < patch_size for x, _ in self.images):
+        if not self.images:
             raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")
         self.inputs, self.targets = self.extract(0)
 
@@ -167,8 +168,6 @@ class TrainingPatches:
         p, s = self.patch_size, self.stride
         inputs, targets = [], []
         for x, y in self.images:
-            if min(x.shape[1:]) < p:
-                continue  # too small for one patch
             o = offset if min(x.shape[1:]) >= p + offset else 0
             for source, out in ((x, inputs), (y, targets)):
                 grid = source[:, o:, o:].unfold(1, p, s).unfold(2, p, s)  # 3, rows, cols, p, p
