@@ -8,6 +8,7 @@
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -144,10 +145,27 @@ def build(args: dict, device: torch.device) -> tuple[SRCNN, torch.optim.Optimize
     return model, torch.optim.Adam(model.parameters(), lr=args["lr"])
 
 
-def checkpoint_dict(model, optimizer, args, epoch, history, best_psnr, generator, commands, position=None) -> dict:
-    """The plain dict every checkpoint is: tensors and primitives only (loads with weights_only)."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, weight by weight: an average over the last
+    ~1 / (1 - decay) steps, steadier than the last step's weights."""
+    with torch.no_grad():
+        for average, weight in zip(ema.parameters(), model.parameters(), strict=True):
+            average.lerp_(weight, 1 - decay)
+
+
+def cpu_weights(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def checkpoint_dict(
+    model, ema, optimizer, args, epoch, history, best_psnr, generator, commands, position=None
+) -> dict:
+    """The plain dict every checkpoint is: tensors and primitives only (loads with weights_only).
+    'model' holds the weights to use: the moving average when --ema-decay is on, whose training
+    weights then go to 'training_weights' so that resume continues them."""
     return {
-        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "model": cpu_weights(ema if ema is not None else model),
+        "training_weights": cpu_weights(model) if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "args": dict(args),
         "epoch": epoch,
@@ -229,12 +247,17 @@ def train_processes(
     generator = torch.Generator().manual_seed(args["seed"])
     epoch, history, best_psnr, position = 0, [], -math.inf, None
     if state is not None:
-        net.load_state_dict(state["model"])
+        net.load_state_dict(state.get("training_weights") or state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, history, best_psnr = state["epoch"], state["history"], state["best_psnr"]
         torch.set_rng_state(state["rng"]["torch"])
         generator.set_state(state["rng"]["generator"])
         position = state.get("position")
+    ema = None
+    if args["ema_decay"]:
+        ema = copy.deepcopy(net)  # from a checkpoint's 'model': its average, or its weights if it had none
+        if state is not None:
+            ema.load_state_dict(state["model"])
     commands = (state or {}).get("commands", []) + ([{"epoch": epoch, "command": command}] if command else [])
     model = DistributedDataParallel(net) if world > 1 else net
     if main_process:
@@ -266,6 +289,8 @@ def train_processes(
                     group["lr"] = learning_rate(args, epoch + i / len(batches))
                 inputs, targets = make_batch(patches, batches[i], int(transforms[i]), device)
                 loss = train_step(model, optimizer, inputs, targets, args["loss_border"], chunk, amp, scaler)
+                if ema is not None:
+                    update_ema(ema, net, args["ema_decay"])
                 if not math.isfinite(loss):
                     bar.close()
                     raise UserError(
@@ -283,14 +308,17 @@ def train_processes(
             if done < len(batches):  # stopped mid-epoch: save where we are, to resume exactly here
                 generator.set_state(epoch_state)
                 position = (done, loss_sum, seconds)
-                ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator, commands, position)
+                ckpt = checkpoint_dict(
+                    net, ema, optimizer, args, epoch, history, best_psnr, generator, commands, position
+                )
                 return save_interrupted(ckpt, out_dir, stop.signum, main_process)
             epoch += 1
             loss_sum = all_processes_sum(loss_sum, world)
             if not main_process:
                 continue
-            net.eval()
-            scores = evaluate(net, eval_pairs, args["scale"])
+            used = ema if ema is not None else net
+            used.eval()
+            scores = evaluate(used, eval_pairs, args["scale"])
             record = {
                 "epoch": epoch,
                 "loss": loss_sum / len(patches),
@@ -308,7 +336,7 @@ def train_processes(
             )
             improved = record["psnr"] > best_psnr
             best_psnr = max(best_psnr, record["psnr"])
-            ckpt = checkpoint_dict(net, optimizer, args, epoch, history, best_psnr, generator, commands)
+            ckpt = checkpoint_dict(net, ema, optimizer, args, epoch, history, best_psnr, generator, commands)
             save_checkpoint(ckpt, out_dir / "last.pth")
             if improved:
                 save_checkpoint(ckpt, out_dir / "best.pth")
@@ -352,6 +380,11 @@ def validate_training_checkpoint(path: str, state: dict) -> None:
     if missing:
         raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
     load_model(path, torch.device("cpu"))  # checks the weights' names and shapes
+    if state.get("training_weights") is not None:
+        try:
+            SRCNN().load_state_dict(state["training_weights"])
+        except (RuntimeError, TypeError, AttributeError, ValueError):
+            raise UserError(f"{path} cannot be resumed: its 'training_weights' are not SRCNN weights") from None
 
 
 # ---------------------------------------------------------------- inspect and evaluate
@@ -491,6 +524,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16 (default: %(default)s)")
     flag("--init", choices=["default", "identity"], default="default",
          help="weight initialisation: PyTorch's default, or the identity mapping (default: %(default)s)")
+    flag("--ema-decay", type=float, default=0.0, metavar="D",
+         help="evaluate and save an exponential moving average of the weights, updated after every step "
+              "with this decay, e.g. 0.9998; 0 = off (default: %(default)s)")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
          help="train on every training image shrunk by each of these factors, e.g. 1 0.9 0.8 0.7 0.6 "
               "(default: %(default)s = as is)")
@@ -506,6 +542,8 @@ def positive_int_args(args: dict) -> None:
         raise UserError("--lr must be positive")
     if not 0 <= args["loss_border"] < args["patch_size"] // 2:
         raise UserError("--loss-border must be at least 0 and less than half the patch size")
+    if not 0 <= args["ema_decay"] < 1:
+        raise UserError("--ema-decay must lie in [0, 1)")
     if not all(0 < z <= 1 for z in args["zooms"]):
         raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
 

@@ -76,15 +76,19 @@ def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
 
 
 def test_resume_is_exact(mini_root, tmp_path):
-    """2 epochs in one run == 1 epoch + resume for 1, bit for bit (augmentation and fresh crops on)."""
-    flags = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops", "--data-root", str(mini_root))
+    """2 epochs in one run == 1 epoch + resume for 1, bit for bit (augmentation, fresh crops and
+    the weights' moving average on): both the averaged and the training weights."""
+    flags = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops", "--ema-decay", "0.9",
+             "--data-root", str(mini_root))
     assert run("train.py", "train", *flags, "--num-epoch", "2", "--checkpoint-dir", str(tmp_path / "a")).returncode == 0
     assert run("train.py", "train", *flags, "--num-epoch", "1", "--checkpoint-dir", str(tmp_path / "b")).returncode == 0
     result = run("train.py", "resume", str(tmp_path / "b" / "last.pth"), "--num-epoch", "2")
     assert result.returncode == 0, result.stderr
-    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
+    for key in ("model", "training_weights"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert not torch.equal(a["model"]["conv1.weight"], a["training_weights"]["conv1.weight"])
 
 
 def test_version_flags():

@@ -25,3 +25,13 @@ def test_identity_init_passes_input_through():
     init_identity_(model, noise_std=0.0)
     x = torch.rand(1, 3, 20, 20)
     assert torch.allclose(model(x), x, atol=1e-6)
+
+
+def test_moving_average_moves_toward_the_weights_by_one_minus_decay():
+    from train import update_ema
+
+    model, ema = SRCNN(), SRCNN()
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, decay=0.75)
+    for average, old, weight in zip(ema.parameters(), before, model.parameters(), strict=True):
+        assert torch.allclose(average, 0.75 * old + 0.25 * weight)
