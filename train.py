@@ -532,7 +532,8 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
               "(default: %(default)s = as is)")
 
 
-def positive_int_args(args: dict) -> None:
+def check_training_args(args: dict) -> None:
+    """Every training flag within its range, so a bad value ends in one line, not deep in training."""
     for key in ("batch_size", "num_epoch", "save_freq", "patch_size", "stride"):
         if args[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
-        positive_int_args(options)
+        check_training_args(options)
         return fit(options, command=command)
     state = load_checkpoint(args.checkpoint)
     validate_training_checkpoint(args.checkpoint, state)
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.checkpoint} was trained at x{state['scale']}; --scale {given['scale']} contradicts it")
     defaults = vars(train_parser.parse_args([]))  # for options newer than the checkpoint
     options = {**defaults, **state["args"], "cuda": False, **given}  # the device is chosen anew by each run
-    positive_int_args(options)
+    check_training_args(options)
     return fit(options, state, command)
 
 
