@@ -4,6 +4,7 @@ Run `python data.py download` to fetch the data sets listed in datasets.tsv.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import http.client
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import UserError, image_to_tensor, run_cli
+from utils import UserError, current_umask, image_to_tensor, run_cli
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 MANIFEST = Path(__file__).with_name("datasets.tsv")
@@ -115,9 +116,12 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def fix_hint(folder: Path) -> str:
+    """The command that fills `folder`, written to work from the current folder."""
     name = folder.name
     if name in known_sets():
-        return f"fix: python data.py download --root {folder.parent} --sets {name}"
+        script = Path(__file__).resolve()
+        shown = script.name if script.parent == Path.cwd().resolve() else str(script)
+        return f"fix: python {shown} download --root {folder.parent} --sets {name}"
     return "fix: put images in it, or pass --data-root DIR with one folder per set (T91/, Set5/, ...)"
 
 
@@ -223,6 +227,7 @@ def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -
             raise UserError(f"{url}: got {received} bytes, expected {size}; the bad file was not kept")
         if digest.hexdigest() != sha256:
             raise UserError(f"{url}: sha256 mismatch (corrupt download); the bad file was not kept")
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a data file is an ordinary file
         os.replace(tmp, dest)
     except urllib.error.HTTPError as err:  # the server answered, but not with the file (404, 500, redirect loop)
         raise UserError(f"cannot download {url}: HTTP {err.code} {err.reason}") from None
@@ -231,7 +236,8 @@ def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise UserError(
-            f"cannot download {url}: {reason}. Offline? Copy the sets into a folder and pass --data-root DIR"
+            f"cannot download {url}: {reason}. Offline? Fetch from a mirror with --base-url URL "
+            "(or SRCNN_DATA_URL), or copy the sets into a folder and pass --data-root DIR"
         ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -243,16 +249,25 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
     unknown = set(sets) - {row["dataset"] for row in rows}
     if unknown:
         raise UserError(f"unknown data set(s) {', '.join(sorted(unknown))}; known: {', '.join(known_sets())}")
-    fetched = 0
-    for row in tqdm(rows, desc="download", unit="file"):
-        dest = Path(root) / row["dataset"] / row["file"]
-        size, sha256 = int(row["bytes"]), row["sha256"]
-        if is_verified(dest, size, sha256):
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
-        fetch(url, dest, size, sha256)
-        fetched += 1
+    fetched, created = 0, []
+    try:
+        for row in tqdm(rows, desc="download", unit="file"):
+            dest = Path(root) / row["dataset"] / row["file"]
+            size, sha256 = int(row["bytes"]), row["sha256"]
+            if is_verified(dest, size, sha256):
+                continue
+            for folder in reversed(dest.parents):  # made top down, remembered to remove if left empty
+                if not folder.exists():
+                    folder.mkdir()
+                    created.append(folder)
+            url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
+            fetch(url, dest, size, sha256)
+            fetched += 1
+    except BaseException:
+        for folder in reversed(created):  # a failed first download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return fetched
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data sets from ../shared/data, small copies of them, a CLI runner."""
+"""Shared fixtures: the real data sets (found or fetched as a user would), small generated data sets,
+a CLI runner."""
 
 import importlib
 import os
@@ -6,13 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from utils import run_cli
+from data import default_data_root, download
+from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SRCNN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+REAL_SETS = ("T91", "Set5", "Set14")
 
 
 def run(script: str, *args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -51,23 +55,49 @@ def assert_clean_error(result: subprocess.CompletedProcess, *words: str) -> None
         assert word.lower() in result.stderr.lower(), result.stderr
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "Set5").is_dir():
-        pytest.fail(f"data sets not found at {SHARED_DATA}; set SRCNN_SHARED_DATA")
-    return SHARED_DATA
+def find_real_data(shared: Path, data_root: Path, base_url: str | None, sets=REAL_SETS) -> Path:
+    """The folder the tests read the real data sets from: `shared` when it holds them all, else the
+    data root, where the project's own checksummed download completes whatever is missing."""
+    if all((shared / name).is_dir() for name in sets):
+        return shared
+    try:
+        download(data_root, list(sets), base_url)
+    except UserError as err:
+        pytest.fail(
+            f"the data sets {', '.join(sets)} are neither in {shared} (SRCNN_SHARED_DATA) nor in {data_root} "
+            f"(SRCNN_DATA_ROOT), and fetching them failed ({err}); set SRCNN_DATA_URL to a mirror",
+            pytrace=False,
+        )
+    return data_root
 
 
 @pytest.fixture(scope="session")
-def mini_root(shared_data, tmp_path_factory) -> Path:
-    """A tiny data root: 2 training crops and 2 evaluation crops of the real images."""
+def real_data() -> Path:
+    data_root = Path(default_data_root())
+    return find_real_data(SHARED_DATA, data_root if data_root.is_absolute() else ROOT / data_root,
+                          os.environ.get("SRCNN_DATA_URL"))
+
+
+def generated_image(size: int, seed: int) -> Image.Image:
+    """A size x size RGB test picture with smooth colour gradients and sharp shapes: detail for a
+    super-resolution network to learn, made without any data set."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size // 8 + 2, size // 8 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        (left, right), (top, bottom) = sorted(rng.integers(0, size, 2)), sorted(rng.integers(0, size, 2))
+        box, colour = (int(left), int(top), int(right), int(bottom)), tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.ellipse(box, outline=colour, width=2) if rng.random() < 0.5 else draw.rectangle(box, fill=colour)
+    return image
+
+
+@pytest.fixture(scope="session")
+def mini_root(tmp_path_factory) -> Path:
+    """A tiny data root of generated pictures: two 72x72 training images, two 60x60 evaluation images."""
     root = tmp_path_factory.mktemp("mini")
-    for folder, sources, size in (
-        ("T91", ["T91/t1.bmp", "T91/tt1.bmp"], 72),
-        ("Set5", ["Set5/baby.png", "Set5/bird.png"], 60),
-    ):
+    for folder, size, seeds in (("T91", 72, (1, 2)), ("Set5", 60, (3, 4))):
         (root / folder).mkdir()
-        for source in sources:
-            image = Image.open(shared_data / source).convert("RGB")
-            image.crop((0, 0, size, size)).save(root / folder / (Path(source).stem + ".png"))
+        for seed in seeds:
+            generated_image(size, seed).save(root / folder / f"scene{seed}.png")
     return root

@@ -65,10 +65,10 @@ def test_evaluate_reports_bicubic_and_model(trained, mini_root):
 
 
 def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
-    hr = Image.open(mini_root / "Set5" / "baby.png")
+    hr = Image.open(mini_root / "Set5" / "scene3.png")
     downscale(hr, 3).save(tmp_path / "lr.bmp")
     result = run("super_resolve.py", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
-                 "--gt", str(mini_root / "Set5" / "baby.png"))
+                 "--gt", str(mini_root / "Set5" / "scene3.png"))
     assert result.returncode == 0, result.stderr
     out = Image.open(tmp_path / "lr_srcnn_x3.png")
     assert out.size == (60, 60) and out.mode == "RGB"

@@ -1,7 +1,10 @@
 import functools
 import http.server
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -9,9 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_clean_error, run
+from conftest import ROOT, assert_clean_error, find_real_data, run
 from data import TrainingPatches, degrade, download, load_pairs, read_manifest
-from utils import UserError
+from utils import UserError, current_umask
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
 
 
 def test_degradation_sizes_modcrop_not_resize():
@@ -23,7 +32,7 @@ def test_degradation_sizes_modcrop_not_resize():
 
 def test_evaluation_pairs_are_uint8_and_same_size(mini_root):
     pairs = load_pairs(mini_root / "Set5", 3)
-    assert [name for name, _, _ in pairs] == ["baby", "bird"]
+    assert [name for name, _, _ in pairs] == ["scene3", "scene4"]
     for _, x, y in pairs:
         assert x.dtype == torch.uint8 and x.shape == y.shape == (3, 60, 60)
 
@@ -40,17 +49,17 @@ def test_patch_count_and_content(mini_root):
 
 def test_zooms_add_shrunk_copies_of_each_training_image(mini_root):
     pairs = load_pairs(mini_root / "T91", 3, zooms=(1.0, 0.5))
-    assert [name for name, _, _ in pairs] == ["t1", "t1@0.5", "tt1", "tt1@0.5"]
+    assert [name for name, _, _ in pairs] == ["scene1", "scene1@0.5", "scene2", "scene2@0.5"]
     shrunk_x, shrunk_y = pairs[1][1:]
     assert shrunk_x.shape == shrunk_y.shape == (3, 36, 36)  # 72 * 0.5, already a multiple of 3
-    original = Image.open(mini_root / "T91" / "t1.png").resize((36, 36), Image.Resampling.BICUBIC)
+    original = Image.open(mini_root / "T91" / "scene1.png").resize((36, 36), Image.Resampling.BICUBIC)
     assert torch.equal(shrunk_y.permute(1, 2, 0), torch.from_numpy(np.array(original)))
     patches = TrainingPatches(mini_root / "T91", 3, 33, 14, zooms=(1.0, 0.5))
     assert len(patches) == 2 * 3**2 + 2 * 1  # 36 px holds one 33 px patch
 
 
-def test_t91_patch_count(shared_data):
-    assert 21_800 <= len(TrainingPatches(shared_data / "T91", 3, 33, 14)) <= 22_000
+def test_t91_patch_count(real_data):
+    assert 21_800 <= len(TrainingPatches(real_data / "T91", 3, 33, 14)) <= 22_000
 
 
 def test_images_smaller_than_patch_are_refused(tmp_path):
@@ -61,10 +70,10 @@ def test_images_smaller_than_patch_are_refused(tmp_path):
 
 
 @pytest.fixture()
-def data_server(shared_data, tmp_path):
+def data_server(real_data, tmp_path):
     """http.server on 127.0.0.1 serving a copy of Set5 (a copy, so a test may corrupt it)."""
     served = tmp_path / "served"
-    shutil.copytree(shared_data / "Set5", served / "Set5")
+    shutil.copytree(real_data / "Set5", served / "Set5")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -80,6 +89,7 @@ def test_download_fetches_verifies_and_skips(data_server, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [r for r in read_manifest() if r["dataset"] == "Set5"]
     assert sorted(p.name for p in (root / "Set5").iterdir()) == sorted(r["file"] for r in rows)
+    assert {(p.stat().st_mode & 0o777) for p in (root / "Set5").iterdir()} == {0o666 & ~current_umask()}
     assert download(root, ["Set5"], url) == 0  # everything verified: nothing fetched again
 
 
@@ -96,13 +106,40 @@ def test_download_rejects_corrupt_file(data_server, tmp_path):
     assert not list((root / "Set5").glob(".*part"))
 
 
-def test_download_unreachable_server_says_how_to_work_offline(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    result = run("data.py", "download", "--root", str(tmp_path), "--sets", "Set5",
-                 env={"SRCNN_DATA_URL": f"http://127.0.0.1:{port}"})
-    assert_clean_error(result, "--data-root")
+def test_download_unreachable_server_says_how_to_work_offline_and_leaves_no_empty_folder(tmp_path):
+    root = tmp_path / "datasets"
+    result = run("data.py", "download", "--root", str(root), "--sets", "Set5",
+                 env={"SRCNN_DATA_URL": f"http://127.0.0.1:{closed_port()}"})
+    assert_clean_error(result, "--data-root", "--base-url")
+    assert not root.exists()
+
+
+def test_the_fix_for_a_missing_set_works_from_another_folder(data_server, tmp_path):
+    url, _ = data_server
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    result = run("train.py", "train", "--data-root", "datasets", "--train-set", "Set5", cwd=work)
+    assert_clean_error(result, "fix: python")
+    fix = result.stderr.split("fix: ")[1].split(")")[0]
+    assert fix.startswith(f"python {ROOT / 'data.py'} download --root datasets --sets Set5"), fix
+    command = [sys.executable, *fix.split()[1:]]
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "SRCNN_DATA_URL": url})
+    assert done.returncode == 0, done.stderr
+    assert len(list((work / "datasets" / "Set5").iterdir())) == 5
+
+
+def test_tests_fetch_the_real_sets_into_the_data_root_when_no_folder_has_them(data_server, tmp_path):
+    url, _ = data_server
+    root = find_real_data(tmp_path / "no-shared", tmp_path / "datasets", url, sets=("Set5",))
+    assert root == tmp_path / "datasets" and len(list((root / "Set5").iterdir())) == 5
+    assert find_real_data(tmp_path / "no-shared", root, f"http://127.0.0.1:{closed_port()}", sets=("Set5",)) == root
+    assert find_real_data(tmp_path, tmp_path / "unused", None, sets=("datasets",)) == tmp_path  # a shared folder
+
+
+def test_tests_say_in_one_line_why_the_real_sets_are_missing(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="neither in .* nor in .* SRCNN_DATA_URL"):
+        find_real_data(tmp_path / "no-shared", tmp_path / "datasets", f"http://127.0.0.1:{closed_port()}",
+                       sets=("Set5",))
 
 
 def test_images_smaller_than_a_patch_are_skipped_among_larger_ones(tmp_path):

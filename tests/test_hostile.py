@@ -226,8 +226,8 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture()
-def faulty_server(shared_data):
-    handler = functools.partial(FaultyHandler, directory=str(shared_data))
+def faulty_server(real_data):
+    handler = functools.partial(FaultyHandler, directory=str(real_data))
     FaultyHandler.faults = {}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

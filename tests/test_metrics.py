@@ -49,7 +49,7 @@ def test_ssim_falls_as_noise_grows():
 
 
 @pytest.mark.parametrize("name, expected", [("Set5", 30.40), ("Set14", 27.63)])
-def test_bicubic_baseline(shared_data, name, expected):
-    pairs = load_pairs(shared_data / name, 3)
+def test_bicubic_baseline(real_data, name, expected):
+    pairs = load_pairs(real_data / name, 3)
     mean = sum(psnr(x, y, shave=3) for _, x, y in pairs) / len(pairs)
     assert mean == pytest.approx(expected, abs=0.02)

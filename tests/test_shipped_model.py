@@ -19,10 +19,10 @@ def test_shipped_checkpoint_records_how_it_was_made():
     assert [c["epoch"] for c in checkpoint["commands"]] == sorted(c["epoch"] for c in checkpoint["commands"])
 
 
-def test_shipped_checkpoint_scores_what_its_history_says_and_meets_the_goals(shared_data):
+def test_shipped_checkpoint_scores_what_its_history_says_and_meets_the_goals(real_data):
     model, scale, checkpoint = load_model(SHIPPED, torch.device("cpu"))
     assert scale == 3
-    set5 = evaluate(model, load_pairs(shared_data / "Set5", scale), scale)["psnr"]
+    set5 = evaluate(model, load_pairs(real_data / "Set5", scale), scale)["psnr"]
     assert abs(set5 - checkpoint["history"][-1]["psnr"]) < 1e-3
     assert set5 >= 32.50
-    assert evaluate(model, load_pairs(shared_data / "Set14", scale), scale)["psnr"] >= 29.10
+    assert evaluate(model, load_pairs(real_data / "Set14", scale), scale)["psnr"] >= 29.10
