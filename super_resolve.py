@@ -5,6 +5,7 @@
 
 import argparse
 import glob
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
-from data import IMAGE_SUFFIXES, degrade, load_image, split_modes, upscale
+from data import IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
 from model import SRCNN
 from utils import (
     UserError,
@@ -152,17 +153,31 @@ def save_image(image: Image.Image, path: Path) -> None:
         raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
+def is_our_output(path: Path) -> bool:
+    """Named as this tool names its outputs (<stem>_srcnn_x<scale>.<ext>)."""
+    return re.search(r"_srcnn_x\d+$", path.stem) is not None
+
+
 def expand_inputs(names: list[str]) -> list[Path]:
-    """Files, folders (the images in them) and glob patterns, in order, each file once."""
+    """Files, folders (the images in them) and glob patterns, in order, each file once. Earlier
+    outputs of this tool found in folders and globs are left out (said once): a second run on a
+    folder must not upscale the first run's results. A file named outright is always taken."""
     paths: list[Path] = []
+    skipped: list[Path] = []
     for name in names:
         path = Path(name)
         if path.is_dir():
-            paths += [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         elif not path.exists() and any(c in name for c in "*?["):
-            paths += [Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file()]
+            found = [Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file()]
         else:
             paths.append(path)
+            continue
+        skipped += [p for p in found if is_our_output(p)]
+        paths += [p for p in found if not is_our_output(p)]
+    if skipped:
+        print(f"note: skipping {len(skipped)} earlier output(s) of this tool (named *_srcnn_x<scale>), "
+              f"e.g. {skipped[0]}", file=sys.stderr)
     if not paths:
         raise UserError(f"no images found in {' '.join(names)}")
     return list(dict.fromkeys(paths))
@@ -182,9 +197,6 @@ def compare_picture(panels: list[tuple[str, Image.Image]], crop: tuple[int, int,
     """Captioned images side by side; with `crop` (x, y, w, h), that region of each, enlarged."""
     if crop:
         x, y, w, h = crop
-        full = panels[0][1]
-        if x + w > full.width or y + h > full.height:
-            raise UserError(f"--crop {x},{y},{w},{h} lies outside the {full.width}x{full.height} output")
         zoom = max(1, round(320 / max(w, h)))
         panels = [(t, im.crop((x, y, x + w, y + h)).resize((w * zoom, h * zoom), Image.Resampling.NEAREST))
                   for t, im in panels]
@@ -200,21 +212,41 @@ def compare_picture(panels: list[tuple[str, Image.Image]], crop: tuple[int, int,
     return canvas
 
 
+def check_crop(crop: tuple[int, int, int, int], size: tuple[int, int]) -> None:
+    x, y, w, h = crop
+    if x + w > size[0] or y + h > size[1]:
+        raise UserError(f"--crop {x},{y},{w},{h} lies outside the {size[0]}x{size[1]} output")
+
+
+def load_ground_truth(path: str, size: tuple[int, int], scale: int) -> Image.Image:
+    """The HR image cropped to a multiple of `scale`, as an input is made from it; it must then be
+    the output's size, so up to scale - 1 extra pixels at the right and bottom are accepted."""
+    gt = load_image(path)
+    hr = modcrop(split_modes(gt)[0], scale)
+    if hr.size != size:
+        raise UserError(
+            f"--gt is {gt.width}x{gt.height}; expected {size[0]}x{size[1]} (the input x{scale}), "
+            f"or up to {scale - 1} pixels wider and higher (cropped off, as when the input was made)"
+        )
+    return hr
+
+
 def super_resolve_file(model: SRCNN, source: Path, dest: Path, scale: int, args: argparse.Namespace) -> None:
+    """Upscale one file; every argument that depends on the image is checked before any work."""
     if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
         raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
     lr = load_image(source)
+    size = (lr.width * scale, lr.height * scale)
+    hr = load_ground_truth(args.gt, size, scale) if args.gt else None
+    if args.crop:
+        check_crop(args.crop, size)
     sr = super_resolve_image(model, lr, scale, args.self_ensemble)
     save_image(sr, dest)
     print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")
     if not (args.gt or args.compare):
         return
     panels = [("bicubic", upscale(split_modes(lr)[0], scale)), ("SRCNN", split_modes(sr)[0])]
-    if args.gt:
-        gt = load_image(args.gt)
-        hr = degrade(split_modes(gt)[0], scale)[1]
-        if hr.size != sr.size:
-            raise UserError(f"--gt is {gt.width}x{gt.height}; expected {sr.width}x{sr.height} (input x{scale})")
+    if hr is not None:
         hr_t = image_to_tensor(hr)
         for i, (label, image) in enumerate(panels):
             image_t = image_to_tensor(image)

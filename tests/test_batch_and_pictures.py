@@ -37,7 +37,7 @@ def test_folders_and_globs_skip_broken_files_and_report(cli, weights, tmp_path):
 
 
 def test_compare_picture_with_ground_truth_and_crop(cli, weights, mini_root, tmp_path):
-    hr = mini_root / "Set5" / "baby.png"
+    hr = mini_root / "Set5" / "scene3.png"
     downscale(Image.open(hr), 3).save(tmp_path / "lr.png")
     args = ("--checkpoint", str(weights), str(tmp_path / "lr.png"), "--gt", str(hr))
     result = cli("super_resolve", *args, "--compare", str(tmp_path / "cmp.png"))
@@ -48,5 +48,37 @@ def test_compare_picture_with_ground_truth_and_crop(cli, weights, mini_root, tmp
     result = cli("super_resolve", *args, "--compare", str(tmp_path / "zoom.png"), "--crop", "10,20,16,8")
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "zoom.png").size == (3 * 16 * 20 + 2 * 8, 8 * 20 + 28)  # zoomed x20
-    assert_clean_error(cli("super_resolve", *args, "--compare", str(tmp_path / "z.png"), "--crop", "50,50,20,20"),
-                       "outside")
+
+
+def test_a_second_run_on_a_folder_skips_the_first_runs_outputs(cli, weights, tmp_path):
+    Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / "a.png")
+    assert cli("super_resolve", "--checkpoint", str(weights), str(tmp_path)).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_srcnn_x3.png"]
+    again = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path))
+    assert again.returncode == 0 and again.stderr.count("skipping 1 earlier output") == 1
+    globbed = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "*.png"))
+    assert globbed.returncode == 0 and "skipping 1 earlier output" in globbed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_srcnn_x3.png"]
+    named = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "a_srcnn_x3.png"))
+    assert named.returncode == 0 and (tmp_path / "a_srcnn_x3_srcnn_x3.png").exists()  # asked for outright
+
+
+@pytest.mark.parametrize("gt_size, accepted", [(255, True), (257, True), (258, False), (254, False)])
+def test_ground_truth_size_rule_is_checked_before_any_work(cli, weights, tmp_path, gt_size, accepted):
+    Image.effect_noise((85, 85), 40).convert("RGB").save(tmp_path / "lr.png")  # output 255x255
+    Image.effect_noise((gt_size, gt_size), 40).convert("RGB").save(tmp_path / "gt.png")
+    lr, gt = str(tmp_path / "lr.png"), str(tmp_path / "gt.png")
+    result = cli("super_resolve", "--checkpoint", str(weights), lr, "--gt", gt)
+    if accepted:
+        assert result.returncode == 0 and result.stdout.count("PSNR") == 2
+    else:
+        assert_clean_error(result, f"--gt is {gt_size}x{gt_size}", "expected 255x255", "up to 2 pixels")
+        assert "PSNR" not in result.stdout and not (tmp_path / "lr_srcnn_x3.png").exists()
+
+
+def test_a_crop_outside_the_output_is_refused_before_any_work(cli, weights, tmp_path):
+    Image.effect_noise((20, 20), 40).convert("RGB").save(tmp_path / "lr.png")
+    result = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "lr.png"),
+                 "--compare", str(tmp_path / "cmp.png"), "--crop", "50,50,20,20")
+    assert_clean_error(result, "outside the 60x60 output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png"]
