@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from model import SRCNN
 from super_resolve import super_resolve_image
 from train import CPU_CHUNK, train_step
+from utils import HelpFormatter
 
 PATCH, BATCH = 33, 128
 
@@ -115,11 +116,11 @@ def super_resolve_peak_rss(size: int) -> tuple[float, float]:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds, patches = (2, 1024) if args.quick else (4, 4096)
     torch.manual_seed(0)
     inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import UserError, current_umask, image_to_tensor, run_cli
+from utils import HelpFormatter, UserError, current_umask, image_to_tensor, run_cli
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 MANIFEST = Path(__file__).with_name("datasets.tsv")
@@ -272,18 +272,19 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Data sets for SRCNN.")
+    parser = argparse.ArgumentParser(description="Data sets for SRCNN.", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    get = sub.add_parser("download", help="fetch and verify the data sets listed in datasets.tsv")
-    get.add_argument("--root", default=default_data_root(), help="folder to fill (default: %(default)s)")
-    get.add_argument("--sets", nargs="+", default=known_sets(), help="which sets (default: all)")
+    get = sub.add_parser("download", help="fetch and verify the data sets listed in datasets.tsv",
+                         formatter_class=HelpFormatter)
+    get.add_argument("--root", default=default_data_root(), help="folder to fill (env SRCNN_DATA_ROOT)")
+    get.add_argument("--sets", nargs="+", default=known_sets(), help="which sets")
     get.add_argument(
         "--base-url",
-        default=os.environ.get("SRCNN_DATA_URL"),
-        help="fetch <base-url>/<set>/<file> instead of the manifest's URLs (env SRCNN_DATA_URL)",
+        help="fetch <base-url>/<set>/<file> instead of the manifest's URLs, e.g. from a local mirror "
+        "(default: $SRCNN_DATA_URL if set, else the manifest's URLs)",
     )
     args = parser.parse_args(argv)
-    fetched = download(args.root, args.sets, args.base_url)
+    fetched = download(args.root, args.sets, args.base_url or os.environ.get("SRCNN_DATA_URL"))
     print(f"{fetched} file(s) fetched; {', '.join(args.sets)} verified in {args.root}", file=sys.stderr)
     return 0
 

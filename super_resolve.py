@@ -17,6 +17,7 @@ import info
 from data import IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
 from model import SRCNN
 from utils import (
+    HelpFormatter,
     UserError,
     choose_device,
     image_to_tensor,
@@ -260,15 +261,20 @@ def super_resolve_file(model: SRCNN, source: Path, dest: Path, scale: int, args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.")
+    parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a bare SRCNN state_dict")
-    parser.add_argument("--output", help="output file, or folder (default: <stem>_srcnn_x<scale>.png beside input)")
-    parser.add_argument("--gt", help="high-resolution ground truth: print PSNR/SSIM of SRCNN and bicubic")
-    parser.add_argument("--compare", metavar="PATH", help="write bicubic | SRCNN | ground truth side by side")
-    parser.add_argument("--crop", type=parse_crop, metavar="X,Y,W,H", help="with --compare: show this region enlarged")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a bare SRCNN state_dict (required)")
+    parser.add_argument("--output", help="output file, or folder for several inputs "
+                        "(default: <stem>_srcnn_x<scale>.png beside each input)")
+    parser.add_argument("--gt", metavar="HR",
+                        help="high-resolution ground truth: print PSNR/SSIM of SRCNN and bicubic (default: none)")
+    parser.add_argument("--compare", metavar="PATH",
+                        help="write bicubic | SRCNN | ground truth side by side (default: no picture)")
+    parser.add_argument("--crop", type=parse_crop, metavar="X,Y,W,H",
+                        help="with --compare: show this region enlarged (default: the whole image)")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations (slower)")
-    parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
+    parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
     parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--version", action="version", version=info.version_string())

@@ -31,7 +31,7 @@ import info
 from data import TrainingPatches, default_data_root, load_pairs
 from model import SRCNN, init_identity_
 from super_resolve import evaluate, load_model, save_image
-from utils import UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
+from utils import HelpFormatter, UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
 CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
@@ -495,41 +495,42 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     def flag(*names, **kwargs):
         if resume:
             kwargs["default"] = argparse.SUPPRESS
-            kwargs["help"] = kwargs.get("help", "").split(" (default")[0]
+            device = names[0] == "--cuda"
+            kwargs["help"] += " (default: off: each run chooses its device)" if device else " (default: as saved)"
         parser.add_argument(*names, **kwargs)
 
     flag("--cuda", action="store_true", help="train on the GPU")
-    flag("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    flag("--batch-size", type=int, default=128, help="patches per step (default: %(default)s)")
-    flag("--num-epoch", type=int, default=100, help="train until this many epochs in total (default: %(default)s)")
-    flag("--save-freq", type=int, default=10, help="write checkpoint.<epoch>.pth every N epochs (default: %(default)s)")
-    flag("--scale", type=int, default=3, help="upscaling factor (default: %(default)s)")
-    flag("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    flag("--data-root", default=default_data_root(), help="folder with one folder per set (default: %(default)s)")
-    flag("--train-set", default="T91", help="training set folder (default: %(default)s)")
-    flag("--eval-set", default="Set5", help="evaluation set folder (default: %(default)s)")
-    flag("--patch-size", type=int, default=33, help="training patch size (default: %(default)s)")
-    flag("--stride", type=int, default=14, help="patch grid stride (default: %(default)s)")
-    flag("--checkpoint-dir", default="checkpoints", help="where checkpoints go (default: %(default)s)")
-    flag("--lr-decay", choices=["none", "cosine"], default="none", help="learning-rate schedule (default: %(default)s)")
-    flag("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine schedule (default: %(default)s)")
+    flag("--lr", type=float, default=1e-4, help="Adam learning rate")
+    flag("--batch-size", type=int, default=128, help="patches per step")
+    flag("--num-epoch", type=int, default=100, help="train until this many epochs in total")
+    flag("--save-freq", type=int, default=10, help="write checkpoint.<epoch>.pth every N epochs")
+    flag("--scale", type=int, default=3, help="upscaling factor")
+    flag("--seed", type=int, default=0, help="random seed")
+    flag("--data-root", default=default_data_root(), help="folder with one folder per set")
+    flag("--train-set", default="T91", help="training set folder")
+    flag("--eval-set", default="Set5", help="evaluation set folder")
+    flag("--patch-size", type=int, default=33, help="training patch size")
+    flag("--stride", type=int, default=14, help="patch grid stride")
+    flag("--checkpoint-dir", default="checkpoints", help="where checkpoints go")
+    flag("--lr-decay", choices=["none", "cosine"], default="none", help="learning-rate schedule")
+    flag("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
     flag("--warmup", type=float, default=1.0,
-         help="epochs of linear learning-rate warm-up at the start (default: %(default)s)")
+         help="epochs of linear learning-rate warm-up at the start")
     flag("--augment", action="store_true", help="random flips/rotations of each batch")
     flag("--fresh-crops", action="store_true", help="move the patch grid to a random offset every epoch")
     flag("--loss-border", type=int, default=0,
          help="ignore this many pixels at each patch edge in the loss; 6 = only where zero padding has no "
-              "effect, as the paper's unpadded training (default: %(default)s)")
+              "effect, as the paper's unpadded training")
     flag("--amp", nargs="?", const="bf16", choices=["off", "bf16", "fp16"], default="off",
-         help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16 (default: %(default)s)")
+         help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16")
     flag("--init", choices=["default", "identity"], default="default",
-         help="weight initialisation: PyTorch's default, or the identity mapping (default: %(default)s)")
+         help="weight initialisation: PyTorch's default, or the identity mapping")
     flag("--ema-decay", type=float, default=0.0, metavar="D",
          help="evaluate and save an exponential moving average of the weights, updated after every step "
-              "with this decay, e.g. 0.9998; 0 = off (default: %(default)s)")
+              "with this decay, e.g. 0.9998; 0 = off")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
-         help="train on every training image shrunk by each of these factors, e.g. 1 0.9 0.8 0.7 0.6 "
-              "(default: %(default)s = as is)")
+         help="train on every training image shrunk by each of these factors, e.g. 1 0.9 0.8 0.7 0.6; "
+              "1 = as it is")
 
 
 def check_training_args(args: dict) -> None:
@@ -549,26 +550,36 @@ def check_training_args(args: dict) -> None:
         raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.")
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the whole CLI, the `train` subcommand's parser, whose defaults fill options newer than a checkpoint)."""
+    formatter = HelpFormatter
+    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.", formatter_class=formatter)
     parser.add_argument("--version", action="version", version=info.version_string())
     sub = parser.add_subparsers(dest="command", required=True)
-    train_parser = sub.add_parser("train", help="train a new model")
+    train_parser = sub.add_parser("train", help="train a new model", formatter_class=formatter)
     add_training_flags(train_parser, resume=False)
-    resume = sub.add_parser("resume", help="continue training from a checkpoint; given flags override saved ones")
-    resume.add_argument("checkpoint")
+    resume = sub.add_parser("resume", help="continue training from a checkpoint; given flags override saved ones",
+                            formatter_class=formatter)
+    resume.add_argument("checkpoint", help="a checkpoint written by train or resume")
     add_training_flags(resume, resume=True)
-    insp = sub.add_parser("inspect", help="show a checkpoint's arguments and history")
-    insp.add_argument("checkpoint")
-    insp.add_argument("--json", action="store_true", help="print JSON")
-    insp.add_argument("--plot", metavar="PATH", help="draw loss and PSNR per epoch into an image (e.g. curve.png)")
-    ev = sub.add_parser("evaluate", help="Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
-    ev.add_argument("--data-root", default=default_data_root())
-    ev.add_argument("--cuda", action="store_true")
+    insp = sub.add_parser("inspect", help="show a checkpoint's arguments and history", formatter_class=formatter)
+    insp.add_argument("checkpoint", help="the checkpoint to describe")
+    insp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    insp.add_argument("--plot", metavar="PATH",
+                      help="draw loss and PSNR per epoch into an image, e.g. curve.png (default: no picture)")
+    ev = sub.add_parser("evaluate", help="Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets",
+                        formatter_class=formatter)
+    ev.add_argument("checkpoint", help="the checkpoint to evaluate")
+    ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"], help="data set folders under the data root")
+    ev.add_argument("--data-root", default=default_data_root(), help="folder with one folder per set")
+    ev.add_argument("--cuda", action="store_true", help="run on the GPU")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
-    ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor")
+    ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
+    return parser, train_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, train_parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     command = "python train.py " + shlex.join(argv)

@@ -1,5 +1,6 @@
-"""Shared helpers: metrics, image/tensor conversion, checkpoint I/O, seeding, device, CLI errors."""
+"""Shared helpers: metrics, image/tensor conversion, checkpoint I/O, seeding, device, CLI errors and help."""
 
+import argparse
 import math
 import os
 import random
@@ -33,6 +34,14 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except BrokenPipeError:  # output piped into a reader that stopped early, such as `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; a flag whose default is None says in words what
+    leaving it out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------- images and tensors

@@ -101,3 +101,23 @@ def test_output_piped_into_head_is_no_traceback(trained):
     result = subprocess.run(f"{sys.executable} train.py inspect {trained / 'last.pth'} | head -1", shell=True,
                             capture_output=True, text=True, cwd=ROOT)
     assert "SRCNN x3" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("train", "train"), ("train", "resume"), ("train", "inspect"),
+                                     ("train", "evaluate"), ("super_resolve",), ("data", "download"), ("bench",)])
+def test_every_flag_has_a_help_line_with_its_default(cli, command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    flags, current = [], None
+    for line in result.stdout.splitlines():
+        if line.startswith("  -"):
+            current = [line.strip()]
+            flags.append(current)
+        elif current is not None and line.startswith("    "):
+            current.append(line.strip())  # the help of the flag above, wrapped or on its own line
+        else:
+            current = None
+    described = [" ".join(block) for block in flags if not block[0].startswith(("-h, --help", "--version"))]
+    assert len(described) >= 2
+    for text in described:
+        assert "(default: " in text or "(required)" in text, text
