@@ -11,6 +11,7 @@ alternating in one run, so the ratio holds whatever else the machine does.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -116,12 +117,42 @@ def super_resolve_peak_rss(size: int) -> tuple[float, float]:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
 
 
+def busy_cpu_seconds() -> tuple[float, int] | None:
+    """(CPU seconds every process has used since boot, CPUs counted) from Linux's /proc/stat, else None."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in lines[0].split()[1:8])
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3].isdigit())
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), cpus
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and the subprocesses it waited for."""
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def reliability_warnings(ours: list[float], textbook: list[float], others_share: float | None) -> list[str]:
+    """Why this run's figures may not be the machine's: repeats that disagree, or a busy CPU."""
+    warnings = []
+    for name, rates in (("train.py", ours), ("textbook", textbook)):
+        spread = (max(rates) - min(rates)) / statistics.median(rates)
+        if spread > 0.10:
+            warnings.append(f"the {name} loop's repeats differ by {spread:.0%}: the machine's speed changed")
+    if others_share is not None and others_share > 0.10:
+        warnings.append(f"other processes used {others_share:.0%} of the CPU during the run")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
     rounds, patches = (2, 1024) if args.quick else (4, 4096)
+    start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     torch.manual_seed(0)
     inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
     targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
@@ -140,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     megapixels = inference_megapixels(model, 1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
     rss, rss_seconds = super_resolve_peak_rss(rss_size)
+    busy_end = busy_cpu_seconds()
+    others_share = None if busy_start is None or busy_end is None else (
+        (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
+    )
+    warnings = reliability_warnings(ours, textbook, others_share)
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -154,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         "super_resolve_lr_size": rss_size,
         "super_resolve_peak_rss_mib": round(rss, 1),
         "super_resolve_seconds": round(rss_seconds, 1),
+        "warnings": warnings,
     }
     print(f"machine                          {results['machine']}")
     print(f"training, patches/s (33x33, b128) ours {our_rate:.0f}  textbook {textbook_rate:.0f}  "
@@ -161,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"training GFLOP/s                 {achieved:.1f} of matmul {peak:.1f} ({achieved / peak:.0%})")
     print(f"inference (512x512 LR -> x3)     {megapixels:.2f} megapixels/s")
     print(f"super_resolve.py {rss_size}x{rss_size} LR     peak RSS {rss:.0f} MiB, {rss_seconds:.1f} s")
+    for warning in warnings:
+        print(f"warning: {warning}; these figures are not the machine's own, run again when it is idle",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
 

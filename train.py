@@ -34,6 +34,7 @@ from super_resolve import evaluate, load_model, save_image
 from utils import HelpFormatter, UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
+POSITION_KEYS = {"batch", "batches", "loss_sum", "seconds"}
 CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
 
 
@@ -270,7 +271,8 @@ def train_processes(
     with StopRequest() as stop:
         while epoch < args["num_epoch"]:
             epoch_state = generator.get_state()  # an interrupted epoch replays its draws from here
-            done, loss_sum, seconds = position or (0, 0.0, 0.0)
+            position = position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
+            done, loss_sum, seconds = position["batch"], position["loss_sum"], position["seconds"]
             position = None
             if args["fresh_crops"]:
                 patches.reshuffle_grid(generator)
@@ -307,7 +309,7 @@ def train_processes(
             seconds = time.perf_counter() - start
             if done < len(batches):  # stopped mid-epoch: save where we are, to resume exactly here
                 generator.set_state(epoch_state)
-                position = (done, loss_sum, seconds)
+                position = {"batch": done, "batches": len(batches), "loss_sum": loss_sum, "seconds": seconds}
                 ckpt = checkpoint_dict(
                     net, ema, optimizer, args, epoch, history, best_psnr, generator, commands, position
                 )
@@ -380,6 +382,9 @@ def validate_training_checkpoint(path: str, state: dict) -> None:
     if missing:
         raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
     load_model(path, torch.device("cpu"))  # checks the weights' names and shapes
+    position = state.get("position")
+    if position is not None and not (isinstance(position, dict) and POSITION_KEYS <= set(position)):
+        raise UserError(f"{path} cannot be resumed: its 'position' is not a mid-epoch position")
     if state.get("training_weights") is not None:
         try:
             SRCNN().load_state_dict(state["training_weights"])
@@ -407,6 +412,7 @@ def inspect(path: str, as_json: bool, plot: str | None) -> int:
         "last_psnr": history[-1]["psnr"] if history else None,
         "args": state.get("args", {}),
         "commands": state.get("commands", []),
+        "position": state.get("position"),
         "history": history,
     }
     if as_json:
@@ -414,6 +420,9 @@ def inspect(path: str, as_json: bool, plot: str | None) -> int:
         return 0
     print(f"{path}: SRCNN x{scale}, {summary['parameters']:,} parameters, epoch {summary['epoch']}, "
           f"version {summary['version']}")
+    if summary["position"]:
+        print(f"  interrupted in epoch {summary['epoch'] + 1} after batch {summary['position']['batch']} of "
+              f"{summary['position']['batches']}: resume continues from there")
     for key, value in sorted(summary["args"].items()):
         print(f"  {key:14s} {value}")
     for run in summary["commands"]:
@@ -474,11 +483,11 @@ def evaluate_command(
 ) -> int:
     device = choose_device(cuda)
     model, scale, _ = load_model(path, device, scale)
+    all_pairs = {name: load_pairs(Path(data_root) / name, scale) for name in sets}  # a missing set: before any output
     print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved"
           + (", x8 self-ensemble" if self_ensemble else ""))
     print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
-    for name in sets:
-        pairs = load_pairs(Path(data_root) / name, scale)
+    for name, pairs in all_pairs.items():
         bicubic = evaluate(None, pairs, scale)
         ours = evaluate(model, pairs, scale, self_ensemble)
         print(f"{name:8s} {len(pairs):6d} {bicubic['psnr']:8.2f} / {bicubic['ssim']:.4f} "

@@ -96,6 +96,12 @@ def test_missing_or_empty_data_folder_prints_the_fix(cli, tmp_path):
     assert_clean_error(result, "no images")
 
 
+def test_evaluate_checks_every_set_before_printing_anything(cli, weights, mini_root):
+    result = cli("train", "evaluate", str(weights), "--data-root", str(mini_root), "--sets", "Set5", "Set14")
+    assert_clean_error(result, "Set14")
+    assert result.stdout == ""
+
+
 def test_training_images_smaller_than_patch(cli, tmp_path, mini_root):
     (tmp_path / "T91").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "T91" / "tiny.png")

@@ -141,6 +141,13 @@ def test_exploding_loss_stops_at_once_and_overwrites_nothing(cli, one_epoch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_checkpoint_with_a_broken_position_is_refused(cli, one_epoch):
+    out, _ = one_epoch
+    state = torch.load(out / "last.pth", weights_only=True)
+    torch.save({**state, "position": (3, 0.5, 1.0)}, out / "odd.pth")
+    assert_clean_error(cli("train", "resume", str(out / "odd.pth"), "--num-epoch", "2"), "position")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(mini_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
@@ -163,6 +170,10 @@ def test_signal_saves_interrupted_and_resume_is_exact(cli, uninterrupted, tmp_pa
     assert "Traceback" not in err and "interrupted.pth" in err
     state = torch.load(tmp_path / "interrupted.pth", weights_only=True)
     assert state["epoch"] < 4
+    if state["position"] is not None:  # stopped mid-epoch (the usual case): inspect says where
+        batch, batches = state["position"]["batch"], state["position"]["batches"]
+        shown = cli("train", "inspect", str(tmp_path / "interrupted.pth")).stdout
+        assert f"interrupted in epoch {state['epoch'] + 1} after batch {batch} of {batches}" in shown
     result = cli("train", "resume", str(tmp_path / "interrupted.pth"))
     assert result.returncode == 0, result.stderr
     resumed = torch.load(tmp_path / "last.pth", weights_only=True)["model"]
