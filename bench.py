@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from inference import super_resolve_image
 from model import SRCNN
-from super_resolve import super_resolve_image
-from train import CPU_CHUNK, train_step
-from utils import HelpFormatter
+from train import CPU_CHUNK, make_batch, train_step
+from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
 
@@ -47,28 +47,39 @@ class TextbookPatches(Dataset):
         return self.inputs[i].float() / 255, self.targets[i].float() / 255
 
 
-def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    model = SRCNN()
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that a timer stopped next measures work done, not work queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+    model = SRCNN().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(TextbookPatches(inputs, targets), batch_size=BATCH, shuffle=True)
+    synchronize(device)
     start = time.perf_counter()
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         loss = F.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
+    synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 
 
-def our_epoch(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """train.py's path: uint8 patches in memory, converted per batch, channels_last, chunked step."""
-    model = SRCNN().to(memory_format=torch.channels_last)
+def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+    """train.py's own path: uint8 patches held on the device, make_batch, channels_last, train_step."""
+    model = SRCNN().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs, targets = inputs.to(device), targets.to(device)
+    synchronize(device)
     start = time.perf_counter()
-    for index in torch.randperm(len(inputs)).split(BATCH):
-        x = inputs[index].float().div_(255).contiguous(memory_format=torch.channels_last)
-        y = targets[index].float().div_(255).contiguous(memory_format=torch.channels_last)
-        train_step(model, optimizer, x, y, chunk=CPU_CHUNK)
+    for index in torch.randperm(len(inputs), device=device).split(BATCH):
+        x, y = make_batch(inputs, targets, index, 0)
+        train_step(model, optimizer, x, y, chunk=CPU_CHUNK if device.type == "cpu" else None)
+    synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 
 
@@ -83,13 +94,15 @@ def training_flops_per_patch(size: int = PATCH) -> float:
     return flops
 
 
-def matmul_gflops(seconds: float) -> float:
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+def matmul_gflops(seconds: float, device: torch.device) -> float:
+    a, b = torch.rand(2048, 2048, device=device), torch.rand(2048, 2048, device=device)
     torch.mm(a, b)
+    synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
         count += 1
+    synchronize(device)
     return count * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
 
 
@@ -98,7 +111,7 @@ def inference_megapixels(model: SRCNN, repeats: int) -> float:
     super_resolve_image(model, image, 3)
     start = time.perf_counter()
     for _ in range(repeats):
-        out = super_resolve_image(model, image, 3)
+        out = super_resolve_image(model, image, 3)  # ends with the output on the CPU: synchronised
     return repeats * out.width * out.height / (time.perf_counter() - start) / 1e6
 
 
@@ -150,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--cuda", action="store_true", help="time training, matmul and inference on the GPU")
     args = parser.parse_args(argv)
+    device = choose_device(args.cuda)
     rounds, patches = (2, 1024) if args.quick else (4, 4096)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     torch.manual_seed(0)
@@ -158,16 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
 
     ours, textbook = [], []
-    our_epoch(inputs[:256], targets[:256])  # warm-up
-    textbook_epoch(inputs[:256], targets[:256])
+    our_epoch(inputs[:256], targets[:256], device)  # warm-up
+    textbook_epoch(inputs[:256], targets[:256], device)
     for _ in range(rounds):  # alternate A/B so both see the same machine
-        ours.append(our_epoch(inputs, targets))
-        textbook.append(textbook_epoch(inputs, targets))
-    peak = matmul_gflops(2 if args.quick else 5)
+        ours.append(our_epoch(inputs, targets, device))
+        textbook.append(textbook_epoch(inputs, targets, device))
+    peak = matmul_gflops(2 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
     achieved = our_rate * training_flops_per_patch() / 1e9
 
-    model = SRCNN().to(memory_format=torch.channels_last).eval()
+    model = SRCNN().to(device, memory_format=torch.channels_last).eval()
     megapixels = inference_megapixels(model, 1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
     rss, rss_seconds = super_resolve_peak_rss(rss_size)
@@ -178,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings = reliability_warnings(ours, textbook, others_share)
 
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                    f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        + f", torch {torch.__version__}",
         "train_patches_per_s_ours": round(our_rate, 1),
         "train_patches_per_s_textbook": round(textbook_rate, 1),
         "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
@@ -206,4 +222,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -151,7 +151,8 @@ def load_pairs(
 
 
 class TrainingPatches:
-    """All (input, target) patch pairs of a folder, held in memory as uint8 N x 3 x P x P tensors.
+    """All (input, target) patch pairs of a folder, held in memory (on the training device) as
+    uint8 N x 3 x P x P tensors.
 
     `offset` shifts the patch grid inside each image, so every epoch can see fresh crops at the
     cost of one cheap re-extraction; offset 0 is the assignment's fixed grid. `zooms` adds shrunk
@@ -159,10 +160,17 @@ class TrainingPatches:
     """
 
     def __init__(
-        self, folder: str | Path, scale: int, patch_size: int, stride: int, zooms: Sequence[float] = (1.0,)
+        self,
+        folder: str | Path,
+        scale: int,
+        patch_size: int,
+        stride: int,
+        zooms: Sequence[float] = (1.0,),
+        device: torch.device | str = "cpu",
     ) -> None:
         pairs = load_pairs(folder, scale, zooms)
-        self.images = [(x, y) for _, x, y in pairs if min(x.shape[1:]) >= patch_size]  # the rest hold no patch
+        # images smaller than a patch hold none; the rest live on `device`, where patches are cut and batched
+        self.images = [(x.to(device), y.to(device)) for _, x, y in pairs if min(x.shape[1:]) >= patch_size]
         self.patch_size, self.stride = patch_size, stride
         if not self.images:
             raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")

@@ -1,4 +1,4 @@
-"""Super-resolve images with a trained SRCNN: the project's one inference path.
+"""Super-resolve image files with a trained SRCNN: the command line around inference.py.
 
     python super_resolve.py --checkpoint checkpoint.pth lr.bmp [--output out.png] [--gt hr.png]
 """
@@ -9,129 +9,14 @@ import re
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
 from data import IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
+from inference import load_model, super_resolve_image
 from model import SRCNN
-from utils import (
-    HelpFormatter,
-    UserError,
-    choose_device,
-    image_to_tensor,
-    load_checkpoint,
-    psnr,
-    quantize,
-    run_cli,
-    ssim,
-    tensor_to_image,
-)
-
-RECEPTIVE_RADIUS = 6  # 9x9 then 1x1 then 5x5: an output pixel sees 6 pixels each way
-DEFAULT_TILE = 512
-
-
-# ---------------------------------------------------------------- the model from a checkpoint
-
-
-def load_model(path: str | Path, device: torch.device, scale: int | None = None) -> tuple[SRCNN, int, dict]:
-    """(model in eval mode, scale, checkpoint) from one of our checkpoints or a bare state_dict
-    (taken to be x3). A `scale` given by the user must agree with the checkpoint's."""
-    checkpoint = load_checkpoint(path)
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: 'model' entry is not a state_dict")
-    model = SRCNN()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise UserError(f"{path} is not an SRCNN checkpoint: missing keys {', '.join(missing)}")
-    for key, tensor in expected.items():
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise UserError(f"{path}: '{key}' is not a floating-point tensor")
-        if value.shape != tensor.shape:
-            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
-    model.load_state_dict({k: state[k].float() for k in expected})
-    saved_scale = checkpoint.get("scale", 3)
-    if not isinstance(saved_scale, int) or saved_scale < 2:
-        raise UserError(f"{path}: invalid scale {saved_scale!r}")
-    if scale is not None and scale != saved_scale:
-        raise UserError(f"{path} is an x{saved_scale} model; --scale {scale} contradicts it")
-    return model.to(device, memory_format=torch.channels_last).eval(), saved_scale, checkpoint
-
-
-# ---------------------------------------------------------------- the network on whole images
-
-
-def tile_windows(height: int, width: int, tile: int):
-    """(output window, input window) pairs covering an image: each input window adds
-    RECEPTIVE_RADIUS pixels of context, so the network's result on it is exact in the output window.
-
-    Windows are (top, bottom, left, right); the output window is given relative to the input one too.
-    """
-    r = RECEPTIVE_RADIUS
-    for top in range(0, height, tile):
-        for left in range(0, width, tile):
-            bottom, right = min(top + tile, height), min(left + tile, width)
-            t0, b0, l0, r0 = max(top - r, 0), min(bottom + r, height), max(left - r, 0), min(right + r, width)
-            yield (top, bottom, left, right), (t0, b0, l0, r0)
-
-
-def forward_ensemble(model: SRCNN, x: torch.Tensor) -> torch.Tensor:
-    """Mean of the network over the 8 flips/rotations of `x`, each undone."""
-    total = torch.zeros_like(x)
-    for k in range(4):
-        for flip in (False, True):
-            t = x.flip(-1) if flip else x
-            y = model(t.rot90(k, (-2, -1))).rot90(-k, (-2, -1))
-            total += y.flip(-1) if flip else y
-    return total / 8
-
-
-@torch.no_grad()
-def enhance(model: SRCNN, image: torch.Tensor, self_ensemble: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W.
-
-    Works tile by tile, so memory stays bounded for any image size on CPU and GPU alike, with
-    enough overlap that the result equals whole-image inference.
-    """
-    device = next(model.parameters()).device
-    _, height, width = image.shape
-    out = torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as images are
-    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
-        x = image[:, t0:b0, l0:r0].to(device).float().div_(255).unsqueeze(0)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = forward_ensemble(model, x) if self_ensemble else model(x)
-        out[:, top:bottom, left:right] = quantize(y[0, :, top - t0 : bottom - t0, left - l0 : right - l0]).cpu()
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool = False) -> dict:
-    """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic."""
-    psnrs, ssims = [], []
-    for _, lr_up, hr in pairs:
-        sr = lr_up if model is None else enhance(model, lr_up, self_ensemble)
-        psnrs.append(psnr(sr, hr, shave=scale))
-        ssims.append(ssim(sr, hr, shave=scale))
-    return {"psnr": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims)}
-
-
-# ---------------------------------------------------------------- images of any mode
-
-
-def super_resolve_image(model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False) -> Image.Image:
-    """Upscale a low-resolution image of any mode by `scale`: bicubic, then SRCNN."""
-    rgb, alpha, gray = split_modes(image)
-    out = tensor_to_image(enhance(model, image_to_tensor(upscale(rgb, scale)), self_ensemble))
-    if gray:
-        out = out.convert("L")
-    if alpha is not None:
-        out.putalpha(upscale(alpha, scale))
-    return out
+from utils import HelpFormatter, UserError, choose_device, image_to_tensor, psnr, run_cli, ssim
 
 
 def output_path(input_path: Path, output: str | None, scale: int, many: bool) -> Path:

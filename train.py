@@ -1,66 +1,114 @@
-"""Train SRCNN, resume training, inspect and evaluate checkpoints.
+"""Train SRCNN and resume training; inspect and evaluate checkpoints (reports in report.py).
 
     python train.py train --lr=0.001 --batch-size=128 --num-epoch=20 --save-freq=2
     python train.py resume checkpoints/last.pth --num-epoch=200
     python train.py inspect checkpoints/best.pth
     python train.py evaluate checkpoint.pth --sets Set5 Set14
+
+Training reads in phases: restore (TrainingState.from_checkpoint), one epoch of steps
+(train_epoch), the end of the epoch (end_epoch: evaluate, record, save). Under torchrun the
+processes it starts agree, every CHECK_EVERY batches, on whether to go on (processes.py).
 """
 
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
-import shlex
-import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import info
 from data import TrainingPatches, default_data_root, load_pairs
+from inference import evaluate, load_model
 from model import SRCNN, init_identity_
-from super_resolve import evaluate, load_model, save_image
-from utils import HelpFormatter, UserError, choose_device, load_checkpoint, run_cli, save_checkpoint, seed_everything
+from processes import Processes, StopRequest, launch_command
+from report import evaluate_checkpoint, inspect_checkpoint
+from utils import HelpFormatter, UserError, load_checkpoint, run_cli, save_checkpoint, seed_everything
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
+CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
 POSITION_KEYS = {"batch", "batches", "loss_sum", "seconds"}
 CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current batch, saving first;
-    a second signal stops at once (checkpoints already written stay intact: writes are atomic)."""
+# ---------------------------------------------------------------- what a checkpoint carries
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict = {}
 
-    def handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print("\nstopping after this batch (signal again to stop at once)", file=sys.stderr)
+@dataclass
+class TrainingState:
+    """The weights being trained and where training stands: everything a checkpoint holds."""
 
-    def __enter__(self) -> "StopRequest":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup'ed runs keep ignoring SIGINT
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
+    args: dict
+    model: SRCNN  # the weights the optimizer trains (DDP, if any, wraps this one)
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every random draw of crops, batch flips and rotations
+    ema: SRCNN | None = None  # with --ema-decay: the moving average, which is evaluated and used
+    scaler: torch.amp.GradScaler | None = None  # with --amp fp16: the loss scale
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    best_psnr: float = -math.inf
+    commands: list = field(default_factory=list)  # every train/resume command line, with its start epoch
+    position: dict | None = None  # where an interrupted epoch stopped (POSITION_KEYS)
 
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+    @property
+    def eval_model(self) -> SRCNN:
+        return self.ema if self.ema is not None else self.model
+
+    @classmethod
+    def from_checkpoint(cls, args: dict, device: torch.device, checkpoint: dict | None = None,
+                        command: str | None = None, scaler: torch.amp.GradScaler | None = None) -> "TrainingState":
+        """A fresh state seeded from args['seed'], continued from `checkpoint` when given."""
+        seed_everything(args["seed"])
+        model = SRCNN()
+        if args["init"] == "identity":
+            init_identity_(model)
+        model = model.to(device, memory_format=torch.channels_last)
+        state = cls(args, model, torch.optim.Adam(model.parameters(), lr=args["lr"]),
+                    torch.Generator().manual_seed(args["seed"]), copy.deepcopy(model) if args["ema_decay"] else None,
+                    scaler)
+        if checkpoint is not None:
+            state.restore(checkpoint)
+        if command:
+            state.commands.append({"epoch": state.epoch, "command": command})
+        return state
+
+    def restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint.get("training_weights") or checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])  # moves its tensors to the weights' device
+        if self.ema is not None:  # the checkpoint's average, or its weights if it kept none
+            self.ema.load_state_dict(checkpoint["model"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch, self.history, self.best_psnr = checkpoint["epoch"], checkpoint["history"], checkpoint["best_psnr"]
+        self.commands, self.position = list(checkpoint.get("commands", [])), checkpoint.get("position")
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.generator.set_state(checkpoint["rng"]["generator"])
+
+    def to_checkpoint(self) -> dict:
+        """The plain dict every checkpoint is (save_checkpoint moves every tensor to the CPU)."""
+        return {
+            "model": self.eval_model.state_dict(),
+            "training_weights": self.model.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "args": dict(self.args),
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "best_psnr": self.best_psnr,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+            "scale": self.args["scale"],
+            "version": info.VERSION,
+            "position": self.position,
+            "commands": list(self.commands),
+        }
 
 
 # ---------------------------------------------------------------- one step, and a batch for it
@@ -73,47 +121,47 @@ def train_step(
     targets: torch.Tensor,
     border: int = 0,
     chunk: int | None = CPU_CHUNK,
-    amp: torch.dtype | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
-) -> float:
-    """One MSE/Adam update on a batch; returns its loss, taken `border` pixels in from the edges.
+) -> torch.Tensor:
+    """One MSE/Adam update on a batch; returns its loss (a tensor on the batch's device: reading it
+    would wait for the device), taken `border` pixels in from the patch edges.
 
     The batch passes through the network `chunk` patches at a time with the gradients summed: the
     same update as the whole batch at once, but on a CPU the activations stay in cache (measured
-    1.5x faster at batch 128). None = the whole batch at once (the GPU's way). `amp` runs the
-    forward pass under CUDA autocast in that dtype; `scaler` scales the fp16 loss.
+    1.5x faster at batch 128). None = the whole batch at once (the GPU's way). `autocast` is the
+    mixed-precision context for the forward pass; `scaler` scales an fp16 loss.
     """
     optimizer.zero_grad(set_to_none=True)
-    pairs = list(zip(inputs.split(chunk or len(inputs)), targets.split(chunk or len(inputs)), strict=True))
-    losses = []
+    size = chunk or len(inputs)
+    pairs = list(zip(inputs.split(size), targets.split(size), strict=True))
+    total = torch.zeros((), device=inputs.device)
     for i, (x, y) in enumerate(pairs):
         last = i == len(pairs) - 1  # DDP averages gradients across processes once, after the last chunk
-        with contextlib.ExitStack() as context:
-            if not last and isinstance(model, DistributedDataParallel):
-                context.enter_context(model.no_sync())
-            with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast or contextlib.nullcontext():
                 out = model(x)
             out = out.float()
             if border:
                 out, y = out[..., border:-border, border:-border], y[..., border:-border, border:-border]
             loss = F.mse_loss(out, y) * (len(x) / len(inputs))
             (scaler.scale(loss) if scaler else loss).backward()
-        losses.append(loss.detach())
+        total += loss.detach()
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return torch.stack(losses).sum().item()
+    return total
 
 
 def make_batch(
-    patches: TrainingPatches, index: torch.Tensor, transform: int, device: torch.device
+    inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, transform: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 patches -> float [0, 1] on `device`, under one of the 8 flips/rotations (0 = none)."""
+    """uint8 patches -> float [0, 1] on their device, under one of the 8 flips/rotations (0 = none)."""
     pair = []
-    for source in (patches.inputs, patches.targets):
-        x = source[index].to(device, non_blocking=True).float().div_(255)
+    for source in (inputs, targets):
+        x = source[index].float().div_(255)
         if transform & 4:
             x = x.flip(-1)
         pair.append(x.rot90(transform & 3, (-2, -1)).contiguous(memory_format=torch.channels_last))
@@ -135,17 +183,6 @@ def learning_rate(args: dict, progress: float) -> float:
     return lr
 
 
-# ---------------------------------------------------------------- the training loop
-
-
-def build(args: dict, device: torch.device) -> tuple[SRCNN, torch.optim.Optimizer]:
-    model = SRCNN()
-    if args["init"] == "identity":
-        init_identity_(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=args["lr"])
-
-
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, weight by weight: an average over the last
     ~1 / (1 - decay) steps, steadier than the last step's weights."""
@@ -154,225 +191,153 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             average.lerp_(weight, 1 - decay)
 
 
-def cpu_weights(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def checkpoint_dict(
-    model, ema, optimizer, args, epoch, history, best_psnr, generator, commands, position=None
-) -> dict:
-    """The plain dict every checkpoint is: tensors and primitives only (loads with weights_only).
-    'model' holds the weights to use: the moving average when --ema-decay is on, whose training
-    weights then go to 'training_weights' so that resume continues them."""
-    return {
-        "model": cpu_weights(ema if ema is not None else model),
-        "training_weights": cpu_weights(model) if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "args": dict(args),
-        "epoch": epoch,
-        "history": list(history),
-        "best_psnr": best_psnr,
-        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-        "scale": args["scale"],
-        "version": info.VERSION,
-        "position": position,  # mid-epoch progress (interrupted.pth only), else None
-        "commands": list(commands),  # every train/resume command line that led here, with its start epoch
-    }
-
-
-def setup_processes(args: dict) -> tuple[torch.device, int, int]:
-    """(device, rank, world size): one process, or one of several started by torchrun (DDP)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return choose_device(args["cuda"]), 0, 1
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = choose_device(args["cuda"])
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if args["batch_size"] % world:
-        raise UserError(f"--batch-size {args['batch_size']} must be a multiple of the {world} processes")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world
-
-
-def amp_settings(args: dict, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+def amp_settings(args: dict, device: torch.device) -> tuple[contextlib.AbstractContextManager | None,
+                                                             torch.amp.GradScaler | None]:
+    """(autocast context, made once and entered at every step; fp16 loss scaler) for --amp."""
     if args.get("amp", "off") == "off":
         return None, None
     if device.type != "cuda":
         print("note: --amp applies to CUDA only; training on the CPU in float32", file=sys.stderr)
         return None, None
     dtype = torch.bfloat16 if args["amp"] == "bf16" else torch.float16
-    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
-def fit(args: dict, state: dict | None = None, command: str | None = None) -> int:
-    """Train until args['num_epoch'] epochs are done, from scratch or from a checkpoint `state`.
-
-    Under torchrun every process trains on its share of each batch (DistributedSampler, DDP);
-    only rank 0 evaluates, prints and writes checkpoints.
-    """
-    device, rank, world = setup_processes(args)
-    try:
-        status = train_processes(args, state, device, rank, world, command)
-        if world > 1:
-            dist.barrier()  # rank 0 still evaluates and saves: tear the group down together, not while in use
-        return status
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+# ---------------------------------------------------------------- the loop
 
 
-def train_processes(
-    args: dict, state: dict | None, device: torch.device, rank: int, world: int, command: str | None
-) -> int:
-    main_process = rank == 0
-    data_root = Path(args["data_root"])
-    patches = TrainingPatches(
-        data_root / args["train_set"], args["scale"], args["patch_size"], args["stride"], args["zooms"]
-    )
-    eval_pairs = load_pairs(data_root / args["eval_set"], args["scale"])
+def fit(args: dict, checkpoint: dict | None = None, command: str | None = None) -> int:
+    """Train until args['num_epoch'] epochs are done, from scratch or from `checkpoint`. Under
+    torchrun each process trains on its share of every batch (DDP); rank 0 evaluates and saves."""
+    with Processes.start(args["cuda"], args["batch_size"]) as processes:
+        out_dir = Path(args["checkpoint_dir"])
+        patches, eval_pairs = processes.agree(load_data, args, processes)
+        autocast, scaler = amp_settings(args, processes.device)
+        state = TrainingState.from_checkpoint(args, processes.device, checkpoint, command, scaler)
+        ddp_model = processes.wrap(state.model)
+        processes.say(f"training on {len(patches)} patches of {args['patch_size']}x{args['patch_size']} from "
+                      f"{Path(args['data_root']) / args['train_set']}, {processes}, "
+                      f"epochs {state.epoch + 1}..{args['num_epoch']}")
+        with StopRequest() as stop:
+            while state.epoch < args["num_epoch"]:
+                record, signum = train_epoch(state, ddp_model, patches, processes, stop, autocast)
+                if record is not None:
+                    processes.agree(end_epoch, state, record, eval_pairs, out_dir, processes.main)
+                if signum:  # mid-epoch, or at the end of one: every process agreed to stop here
+                    return processes.agree(save_interrupted, state, out_dir, signum, processes.main)
+        processes.say(f"done: best {args['eval_set']} PSNR {state.best_psnr:.3f} dB; checkpoints in {out_dir}")
+        return 0
+
+
+def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
+    """The training patches (on the training device) and, for rank 0, the evaluation pairs; rank 0
+    also makes sure the checkpoint folder can be written before any training."""
+    root = Path(args["data_root"])
+    patches = TrainingPatches(root / args["train_set"], args["scale"], args["patch_size"], args["stride"],
+                              args["zooms"], processes.device)
+    if not processes.main:
+        return patches, []
     out_dir = Path(args["checkpoint_dir"])
-    chunk = CPU_CHUNK if device.type == "cpu" else None
-    amp, scaler = amp_settings(args, device)
-    if main_process:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create checkpoint folder {out_dir}: {err.strerror or err}") from None
-        if not os.access(out_dir, os.W_OK):
-            raise UserError(f"checkpoint folder {out_dir} is not writable")
-
-    seed_everything(args["seed"])
-    net, optimizer = build(args, device)
-    generator = torch.Generator().manual_seed(args["seed"])
-    epoch, history, best_psnr, position = 0, [], -math.inf, None
-    if state is not None:
-        net.load_state_dict(state.get("training_weights") or state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, history, best_psnr = state["epoch"], state["history"], state["best_psnr"]
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["generator"])
-        position = state.get("position")
-    ema = None
-    if args["ema_decay"]:
-        ema = copy.deepcopy(net)  # from a checkpoint's 'model': its average, or its weights if it had none
-        if state is not None:
-            ema.load_state_dict(state["model"])
-    commands = (state or {}).get("commands", []) + ([{"epoch": epoch, "command": command}] if command else [])
-    model = DistributedDataParallel(net) if world > 1 else net
-    if main_process:
-        print(
-            f"training on {len(patches)} patches of {args['patch_size']}x{args['patch_size']} from "
-            f"{data_root / args['train_set']}, {device} x {world} process(es), epochs {epoch + 1}..{args['num_epoch']}",
-            file=sys.stderr,
-        )
-
-    with StopRequest() as stop:
-        while epoch < args["num_epoch"]:
-            epoch_state = generator.get_state()  # an interrupted epoch replays its draws from here
-            position = position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
-            done, loss_sum, seconds = position["batch"], position["loss_sum"], position["seconds"]
-            position = None
-            if args["fresh_crops"]:
-                patches.reshuffle_grid(generator)
-            sampler = DistributedSampler(range(len(patches)), world, rank, shuffle=True, seed=args["seed"])
-            sampler.set_epoch(epoch)
-            batches = torch.tensor(list(sampler)).split(args["batch_size"] // world)
-            transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=generator)
-            model.train()
-            start = time.perf_counter() - seconds
-            bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr,
-                       disable=not main_process)
-            for i in range(done, len(batches)):
-                if stop_requested(stop, world):
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, epoch + i / len(batches))
-                inputs, targets = make_batch(patches, batches[i], int(transforms[i]), device)
-                loss = train_step(model, optimizer, inputs, targets, args["loss_border"], chunk, amp, scaler)
-                if ema is not None:
-                    update_ema(ema, net, args["ema_decay"])
-                if not math.isfinite(loss):
-                    bar.close()
-                    raise UserError(
-                        f"loss became {loss} at epoch {epoch + 1}, batch {i + 1}; training stopped, "
-                        f"checkpoints in {out_dir} are untouched (try a lower --lr)"
-                    )
-                loss_sum += loss * len(batches[i])
-                done = i + 1
-                bar.update()
-                if done % 10 == 0:
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{loss:.5f}", patches_s=f"{done * args['batch_size'] / elapsed:.0f}")
-            bar.close()
-            seconds = time.perf_counter() - start
-            if done < len(batches):  # stopped mid-epoch: save where we are, to resume exactly here
-                generator.set_state(epoch_state)
-                position = {"batch": done, "batches": len(batches), "loss_sum": loss_sum, "seconds": seconds}
-                ckpt = checkpoint_dict(
-                    net, ema, optimizer, args, epoch, history, best_psnr, generator, commands, position
-                )
-                return save_interrupted(ckpt, out_dir, stop.signum, main_process)
-            epoch += 1
-            loss_sum = all_processes_sum(loss_sum, world)
-            if not main_process:
-                continue
-            used = ema if ema is not None else net
-            used.eval()
-            scores = evaluate(used, eval_pairs, args["scale"])
-            record = {
-                "epoch": epoch,
-                "loss": loss_sum / len(patches),
-                "psnr": scores["psnr"],
-                "ssim": scores["ssim"],
-                "seconds": seconds,
-                "patches_per_s": len(patches) / seconds,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            history.append(record)
-            print(
-                f"epoch {epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  "
-                f"SSIM {record['ssim']:.4f}  {seconds:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
-                flush=True,
-            )
-            improved = record["psnr"] > best_psnr
-            best_psnr = max(best_psnr, record["psnr"])
-            ckpt = checkpoint_dict(net, ema, optimizer, args, epoch, history, best_psnr, generator, commands)
-            save_checkpoint(ckpt, out_dir / "last.pth")
-            if improved:
-                save_checkpoint(ckpt, out_dir / "best.pth")
-            if epoch % args["save_freq"] == 0 or epoch == args["num_epoch"]:
-                save_checkpoint(ckpt, out_dir / f"checkpoint.{epoch}.pth")
-            if stop.signum and world == 1:
-                return save_interrupted(ckpt, out_dir, stop.signum, main_process)
-    if main_process:
-        print(f"done: best {args['eval_set']} PSNR {best_psnr:.3f} dB; checkpoints in {out_dir}", file=sys.stderr)
-    return 0
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create checkpoint folder {out_dir}: {err.strerror or err}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"checkpoint folder {out_dir} is not writable")
+    return patches, load_pairs(root / args["eval_set"], args["scale"])
 
 
-def stop_requested(stop: StopRequest, world: int) -> bool:
-    """Whether any process got a stop signal: all processes must stop at the same batch."""
-    if world == 1:
-        return stop.signum is not None
-    flag = torch.tensor([0 if stop.signum is None else stop.signum])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop.signum = int(flag) or None
-    return stop.signum is not None
+def train_epoch(
+    state: TrainingState,
+    ddp_model: nn.Module,
+    patches: TrainingPatches,
+    processes: Processes,
+    stop: StopRequest,
+    autocast: contextlib.AbstractContextManager | None,
+) -> tuple[dict | None, int | None]:
+    """One epoch of steps (from state.position, if an interrupted one is resumed). Returns the
+    training part of its history record (None if stopped mid-epoch: state.position then says where,
+    and the generator is back at the epoch's start so that resume replays its draws) and the stop
+    signal every process agreed on at the last check (None: go on)."""
+    args = state.args
+    epoch_start = state.generator.get_state()
+    position = state.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
+    if args["fresh_crops"]:
+        patches.reshuffle_grid(state.generator)
+    batches = processes.share(len(patches), args["batch_size"], args["seed"], state.epoch)
+    transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=state.generator)
+    chunk = CPU_CHUNK if processes.device.type == "cpu" else None
+    loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
+                            device=processes.device)  # summed on the device: no wait for it per step
+    start = time.perf_counter() - position["seconds"]
+    ddp_model.train()
+    with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {state.epoch + 1}", leave=False,
+              file=sys.stderr, disable=not processes.main) as bar:
+        for i in range(position["batch"], len(batches)):
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(args, state.epoch + i / len(batches))
+            inputs, targets = make_batch(patches.inputs, patches.targets, batches[i], int(transforms[i]))
+            loss = train_step(ddp_model, state.optimizer, inputs, targets, args["loss_border"], chunk, autocast,
+                              state.scaler)
+            if state.ema is not None:
+                update_ema(state.ema, state.model, args["ema_decay"])
+            loss_sum += loss * len(batches[i])
+            bar.update()
+            done, seconds = i + 1, time.perf_counter() - start
+            if done % CHECK_EVERY == 0 or done == len(batches):
+                total, signum = check(state, processes, loss_sum, stop, done)
+                bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
+                                patches_s=f"{done * args['batch_size'] / seconds:.0f}")
+                if signum and done < len(batches):
+                    state.generator.set_state(epoch_start)
+                    state.position = {"batch": done, "batches": len(batches), "loss_sum": total, "seconds": seconds}
+                    return None, signum
+    state.position = None
+    record = {"loss": total / len(patches), "seconds": seconds, "patches_per_s": len(patches) / seconds,
+              "lr": state.optimizer.param_groups[0]["lr"]}
+    return record, signum
 
 
-def all_processes_sum(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total)
+def check(
+    state: TrainingState, processes: Processes, loss_sum: torch.Tensor, stop: StopRequest, done: int
+) -> tuple[float, int | None]:
+    """(the epoch's loss sum so far over all processes, the stop signal they agreed on); a loss that
+    is not finite in any process stops every process here, before any checkpoint is written."""
+    total, signum = processes.check(loss_sum, stop.signum)
+    if not math.isfinite(total):
+        raise UserError(f"loss became {total} in epoch {state.epoch + 1} by batch {done}; training stopped, "
+                        f"checkpoints in {state.args['checkpoint_dir']} are untouched (try a lower --lr)")
+    return total, signum
 
 
-def save_interrupted(checkpoint: dict, out_dir: Path, signum: int, main_process: bool = True) -> int:
-    if main_process:
+def end_epoch(state: TrainingState, record: dict, eval_pairs: list, out_dir: Path, main: bool) -> None:
+    """Count the epoch; on rank 0 evaluate, print and record it, and write the checkpoints."""
+    state.epoch += 1
+    if not main:
+        return
+    args = state.args
+    state.eval_model.eval()
+    scores = evaluate(state.eval_model, eval_pairs, args["scale"])
+    record = {"epoch": state.epoch, "loss": record["loss"], "psnr": scores["psnr"], "ssim": scores["ssim"],
+              "seconds": record["seconds"], "patches_per_s": record["patches_per_s"], "lr": record["lr"]}
+    state.history.append(record)
+    print(f"epoch {state.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  "
+          f"SSIM {record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
+          flush=True)
+    improved = record["psnr"] > state.best_psnr
+    state.best_psnr = max(state.best_psnr, record["psnr"])
+    checkpoint = state.to_checkpoint()
+    save_checkpoint(checkpoint, out_dir / "last.pth")
+    if improved:
+        save_checkpoint(checkpoint, out_dir / "best.pth")
+    if state.epoch % args["save_freq"] == 0 or state.epoch == args["num_epoch"]:
+        save_checkpoint(checkpoint, out_dir / f"checkpoint.{state.epoch}.pth")
+
+
+def save_interrupted(state: TrainingState, out_dir: Path, signum: int, main: bool) -> int:
+    if main:
         path = out_dir / "interrupted.pth"
-        save_checkpoint(checkpoint, path)
+        save_checkpoint(state.to_checkpoint(), path)
         print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
     return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
@@ -390,109 +355,6 @@ def validate_training_checkpoint(path: str, state: dict) -> None:
             SRCNN().load_state_dict(state["training_weights"])
         except (RuntimeError, TypeError, AttributeError, ValueError):
             raise UserError(f"{path} cannot be resumed: its 'training_weights' are not SRCNN weights") from None
-
-
-# ---------------------------------------------------------------- inspect and evaluate
-
-
-def count_parameters(state: dict) -> int:
-    return sum(v.numel() for v in state.values())
-
-
-def inspect(path: str, as_json: bool, plot: str | None) -> int:
-    _, scale, state = load_model(path, torch.device("cpu"))
-    history = state.get("history", [])
-    summary = {
-        "path": path,
-        "version": state.get("version"),
-        "scale": scale,
-        "epoch": state.get("epoch"),
-        "parameters": count_parameters(state.get("model", state)),
-        "best_psnr": state.get("best_psnr"),
-        "last_psnr": history[-1]["psnr"] if history else None,
-        "args": state.get("args", {}),
-        "commands": state.get("commands", []),
-        "position": state.get("position"),
-        "history": history,
-    }
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(f"{path}: SRCNN x{scale}, {summary['parameters']:,} parameters, epoch {summary['epoch']}, "
-          f"version {summary['version']}")
-    if summary["position"]:
-        print(f"  interrupted in epoch {summary['epoch'] + 1} after batch {summary['position']['batch']} of "
-              f"{summary['position']['batches']}: resume continues from there")
-    for key, value in sorted(summary["args"].items()):
-        print(f"  {key:14s} {value}")
-    for run in summary["commands"]:
-        print(f"  from epoch {run['epoch']}: {run['command']}")
-    if history:
-        print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB")
-        print(f"{'epoch':>6} {'loss':>10} {'PSNR':>8} {'SSIM':>7} {'lr':>9} {'time s':>8} {'patches/s':>10}")
-        for h in history:
-            print(f"{h['epoch']:6d} {h['loss']:10.6f} {h['psnr']:8.3f} {h['ssim']:7.4f} {h.get('lr', 0):9.2e} "
-                  f"{h['seconds']:8.1f} {h['patches_per_s']:10.0f}")
-    if plot:
-        if not history:
-            raise UserError(f"{path} has no training history to plot")
-        eval_set = summary["args"].get("eval_set", "evaluation set")
-        panels = [("training loss (MSE, log scale)", [h["loss"] for h in history], True),
-                  (f"{eval_set} Y-PSNR (dB)", [h["psnr"] for h in history], False)]
-        save_image(plot_curves(panels, [h["epoch"] for h in history]), Path(plot))
-        print(f"plot written to {plot}")
-    return 0
-
-
-def plot_curves(panels: list[tuple[str, list[float], bool]], epochs: list[int]) -> Image.Image:
-    """Side-by-side line charts, one per (title, values, log scale), against epoch; Pillow only."""
-    width, height = 560, 400
-    canvas = Image.new("RGB", (width * len(panels), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (title, values, log) in enumerate(panels):
-        draw_panel(draw, (i * width + 72, 36, (i + 1) * width - 24, height - 44), title, epochs, values, log)
-    return canvas
-
-
-def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, title: str, epochs: list[int], values: list[float], log: bool):
-    font = ImageFont.load_default(size=14)
-    x0, y0, x1, y1 = box
-    ys = [math.log10(v) if log else v for v in values]
-    lo, hi = min(ys), max(ys)
-    hi = hi if hi > lo else lo + 1
-    first, last = epochs[0], max(epochs[-1], epochs[0] + 1)
-
-    def point(epoch: float, y: float) -> tuple[float, float]:
-        return x0 + (epoch - first) / (last - first) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)
-
-    draw.rectangle(box, outline="black")
-    draw.text(((x0 + x1) / 2, y0 - 26), title, fill="black", font=font, anchor="mt")
-    for k in range(5):
-        y = lo + (hi - lo) * k / 4
-        tick = point(first, y)[1]
-        draw.line((x0 - 4, tick, x0, tick), fill="black")
-        draw.text((x0 - 6, tick), f"{10**y:.1e}" if log else f"{y:.2f}", fill="black", font=font, anchor="rm")
-        epoch = round(first + (last - first) * k / 4)
-        draw.text((point(epoch, lo)[0], y1 + 6), str(epoch), fill="black", font=font, anchor="mt")
-    draw.text(((x0 + x1) / 2, y1 + 26), "epoch", fill="black", font=font, anchor="mt")
-    draw.line([point(e, y) for e, y in zip(epochs, ys, strict=True)], fill=(31, 119, 180), width=2)
-
-
-def evaluate_command(
-    path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool, scale: int | None
-) -> int:
-    device = choose_device(cuda)
-    model, scale, _ = load_model(path, device, scale)
-    all_pairs = {name: load_pairs(Path(data_root) / name, scale) for name in sets}  # a missing set: before any output
-    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved"
-          + (", x8 self-ensemble" if self_ensemble else ""))
-    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
-    for name, pairs in all_pairs.items():
-        bicubic = evaluate(None, pairs, scale)
-        ours = evaluate(model, pairs, scale, self_ensemble)
-        print(f"{name:8s} {len(pairs):6d} {bicubic['psnr']:8.2f} / {bicubic['ssim']:.4f} "
-              f"{ours['psnr']:8.2f} / {ours['ssim']:.4f}")
-    return 0
 
 
 # ---------------------------------------------------------------- command line
@@ -591,12 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     parser, train_parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    command = "python train.py " + shlex.join(argv)
+    command = launch_command(argv)
 
     if args.command == "inspect":
-        return inspect(args.checkpoint, args.json, args.plot)
+        return inspect_checkpoint(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
-        return evaluate_command(
+        return evaluate_checkpoint(
             args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale
         )
     if args.command == "train":

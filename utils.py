@@ -134,7 +134,8 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = T
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. Every
+    tensor is written from the CPU, so the file loads on machines without the training device.
     """
     path = Path(path)
     try:
@@ -144,7 +145,7 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            torch.save(to_cpu(checkpoint), f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
@@ -154,6 +155,17 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         if isinstance(err, OSError):
             raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
         raise
+
+
+def to_cpu(value):
+    """`value` with every tensor in it (in dicts, lists and tuples, at any depth) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(item) for item in value)
+    return value
 
 
 def current_umask() -> int:

@@ -33,9 +33,11 @@ def test_train_writes_every_checkpoint_loadable_with_weights_only(trained):
 
 
 def test_inspect_text_json_and_plot(trained, tmp_path):
-    text = run("train.py", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "curve.png"))
+    text = run("train.py", "inspect", str(trained / "last.pth"))
     assert text.returncode == 0 and "20,099 parameters" in text.stdout and "lr" in text.stdout
-    assert Image.open(tmp_path / "curve.png").size == (1120, 400)
+    plot = run("train.py", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "plots" / "curve.png"))
+    assert plot.returncode == 0 and plot.stdout == f"plot written to {tmp_path / 'plots' / 'curve.png'}\n"
+    assert Image.open(tmp_path / "plots" / "curve.png").size == (1500, 450)  # three panels side by side
     result = run("train.py", "inspect", str(trained / "last.pth"), "--json")
     summary = json.loads(result.stdout)
     assert summary["epoch"] == 1 and summary["parameters"] == 20_099

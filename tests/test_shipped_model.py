@@ -4,7 +4,7 @@ import torch
 
 from conftest import ROOT
 from data import load_pairs
-from super_resolve import evaluate, load_model
+from inference import evaluate, load_model
 from utils import load_checkpoint
 
 SHIPPED = ROOT / "checkpoint.pth"

@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
+from inference import enhance, super_resolve_image, tile_windows
 from model import SRCNN, init_identity_
-from super_resolve import enhance, super_resolve_image, tile_windows
 from utils import quantize
 
 
