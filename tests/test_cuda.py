@@ -1,0 +1,87 @@
+"""The GPU suite: training, resume, mixed precision, evaluation and inference on CUDA, and
+checkpoints that load without a GPU. It runs where torch.cuda.is_available(); elsewhere every test
+is skipped with the reason shown (`python -m pytest tests/test_cuda.py` on a GPU machine)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run
+from data import downscale, load_pairs
+from inference import evaluate, load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU suite needs one")
+QUICK = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops")
+LEARN = ("--batch-size", "64", "--lr", "1e-3", "--augment", "--fresh-crops", "--num-epoch", "3")
+
+
+def train(*args, timeout=600):
+    result = run("train.py", *args, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_then_resume_equals_one_run(mini_root, tmp_path):
+    flags = (*QUICK, "--cuda", "--data-root", str(mini_root))
+    train("train", *flags, "--num-epoch", "2", "--checkpoint-dir", str(tmp_path / "whole"))
+    train("train", *flags, "--num-epoch", "1", "--checkpoint-dir", str(tmp_path / "half"))
+    train("resume", str(tmp_path / "half" / "last.pth"), "--num-epoch", "2", "--cuda")
+    whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "half" / "last.pth", weights_only=True)["model"]
+    for key, value in whole.items():
+        assert torch.allclose(resumed[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_a_gpu_checkpoint_loads_without_a_gpu(mini_root, tmp_path):
+    train("train", *QUICK, "--amp", "fp16", "--cuda", "--num-epoch", "1", "--data-root", str(mini_root),
+          "--checkpoint-dir", str(tmp_path))
+    script = ("import sys, torch; assert not torch.cuda.is_available(); "
+              "c = torch.load(sys.argv[1], weights_only=True); "
+              "print(c['scaler']['scale'], len(c['optimizer']['state']))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "last.pth")], capture_output=True,
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[0]) > 0 and int(result.stdout.split()[1]) == 6  # Adam state per tensor
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_learns(real_data, tmp_path, amp):
+    result = train("train", *LEARN, "--amp", amp, "--cuda", "--data-root", str(real_data),
+                   "--checkpoint-dir", str(tmp_path))
+    history = torch.load(tmp_path / "last.pth", weights_only=True)["history"]
+    assert all(np.isfinite(h["loss"]) for h in history), result.stdout
+    assert history[-1]["psnr"] > 30.40  # bicubic on Set5
+
+
+def test_evaluate_on_the_gpu_equals_the_cpu(real_data):
+    pairs = load_pairs(real_data / "Set5", 3)
+    cpu = evaluate(load_model(ROOT / "checkpoint.pth", torch.device("cpu"))[0], pairs, 3)["psnr"]
+    gpu = evaluate(load_model(ROOT / "checkpoint.pth", torch.device("cuda"))[0], pairs, 3)["psnr"]
+    assert abs(cpu - gpu) < 0.01
+
+
+def test_super_resolve_on_the_gpu_equals_the_cpu(real_data, tmp_path):
+    downscale(Image.open(real_data / "Set5" / "butterfly.png").convert("RGB"), 3).save(tmp_path / "lr.png")
+    for device, flags in (("cpu", ()), ("gpu", ("--cuda",))):
+        result = run("super_resolve.py", "--checkpoint", str(ROOT / "checkpoint.pth"), str(tmp_path / "lr.png"),
+                     "--output", str(tmp_path / f"{device}.png"), *flags)
+        assert result.returncode == 0, result.stderr
+    cpu, gpu = (np.asarray(Image.open(tmp_path / f"{d}.png"), dtype=np.int16) for d in ("cpu", "gpu"))
+    difference = np.abs(cpu - gpu)
+    assert difference.max() <= 1 and (difference == 0).mean() >= 0.999
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torchrun on NCCL needs two GPUs")
+def test_torchrun_on_two_gpus(mini_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "train", *QUICK, "--cuda", "--num-epoch", "2", "--data-root", str(mini_root),
+           "--checkpoint-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and "torch.distributed.run" in checkpoint["commands"][0]["command"]
