@@ -12,12 +12,9 @@ processes it starts agree, every CHECK_EVERY batches, on whether to go on (proce
 
 import argparse
 import contextlib
-import copy
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,88 +24,14 @@ from tqdm import tqdm
 
 import info
 from data import TrainingPatches, default_data_root, load_pairs
-from inference import evaluate, load_model
-from model import SRCNN, init_identity_
+from inference import evaluate
 from processes import Processes, StopRequest, launch_command
 from report import evaluate_checkpoint, inspect_checkpoint
-from utils import HelpFormatter, UserError, load_checkpoint, run_cli, save_checkpoint, seed_everything
+from training_state import TrainingState, amp_settings, check_resumable, update_ema
+from utils import HelpFormatter, UserError, load_checkpoint, run_cli, save_checkpoint, writable_folder
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
-POSITION_KEYS = {"batch", "batches", "loss_sum", "seconds"}
-CHECKPOINT_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
-
-
-# ---------------------------------------------------------------- what a checkpoint carries
-
-
-@dataclass
-class TrainingState:
-    """The weights being trained and where training stands: everything a checkpoint holds."""
-
-    args: dict
-    model: SRCNN  # the weights the optimizer trains (DDP, if any, wraps this one)
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # every random draw of crops, batch flips and rotations
-    ema: SRCNN | None = None  # with --ema-decay: the moving average, which is evaluated and used
-    scaler: torch.amp.GradScaler | None = None  # with --amp fp16: the loss scale
-    epoch: int = 0
-    history: list = field(default_factory=list)
-    best_psnr: float = -math.inf
-    commands: list = field(default_factory=list)  # every train/resume command line, with its start epoch
-    position: dict | None = None  # where an interrupted epoch stopped (POSITION_KEYS)
-
-    @property
-    def eval_model(self) -> SRCNN:
-        return self.ema if self.ema is not None else self.model
-
-    @classmethod
-    def from_checkpoint(cls, args: dict, device: torch.device, checkpoint: dict | None = None,
-                        command: str | None = None, scaler: torch.amp.GradScaler | None = None) -> "TrainingState":
-        """A fresh state seeded from args['seed'], continued from `checkpoint` when given."""
-        seed_everything(args["seed"])
-        model = SRCNN()
-        if args["init"] == "identity":
-            init_identity_(model)
-        model = model.to(device, memory_format=torch.channels_last)
-        state = cls(args, model, torch.optim.Adam(model.parameters(), lr=args["lr"]),
-                    torch.Generator().manual_seed(args["seed"]), copy.deepcopy(model) if args["ema_decay"] else None,
-                    scaler)
-        if checkpoint is not None:
-            state.restore(checkpoint)
-        if command:
-            state.commands.append({"epoch": state.epoch, "command": command})
-        return state
-
-    def restore(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint.get("training_weights") or checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])  # moves its tensors to the weights' device
-        if self.ema is not None:  # the checkpoint's average, or its weights if it kept none
-            self.ema.load_state_dict(checkpoint["model"])
-        if self.scaler is not None and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.epoch, self.history, self.best_psnr = checkpoint["epoch"], checkpoint["history"], checkpoint["best_psnr"]
-        self.commands, self.position = list(checkpoint.get("commands", [])), checkpoint.get("position")
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        self.generator.set_state(checkpoint["rng"]["generator"])
-
-    def to_checkpoint(self) -> dict:
-        """The plain dict every checkpoint is (save_checkpoint moves every tensor to the CPU)."""
-        return {
-            "model": self.eval_model.state_dict(),
-            "training_weights": self.model.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "args": dict(self.args),
-            "epoch": self.epoch,
-            "history": list(self.history),
-            "best_psnr": self.best_psnr,
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
-            "scale": self.args["scale"],
-            "version": info.VERSION,
-            "position": self.position,
-            "commands": list(self.commands),
-        }
 
 
 # ---------------------------------------------------------------- one step, and a batch for it
@@ -124,14 +47,11 @@ def train_step(
     autocast: contextlib.AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
-    """One MSE/Adam update on a batch; returns its loss (a tensor on the batch's device: reading it
-    would wait for the device), taken `border` pixels in from the patch edges.
-
-    The batch passes through the network `chunk` patches at a time with the gradients summed: the
-    same update as the whole batch at once, but on a CPU the activations stay in cache (measured
-    1.5x faster at batch 128). None = the whole batch at once (the GPU's way). `autocast` is the
-    mixed-precision context for the forward pass; `scaler` scales an fp16 loss.
-    """
+    """One MSE/Adam update on a batch; its loss (`border` pixels in from the patch edges) as a tensor
+    on the device, so that nothing waits for the device. `chunk` patches pass at a time with the
+    gradients summed: the same update, but on a CPU the activations stay in cache (1.5x faster at
+    batch 128); None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision
+    context; `scaler`: the fp16 loss scaler."""
     optimizer.zero_grad(set_to_none=True)
     size = chunk or len(inputs)
     pairs = list(zip(inputs.split(size), targets.split(size), strict=True))
@@ -155,25 +75,23 @@ def train_step(
     return total
 
 
-def make_batch(
-    inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, transform: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
+               transform: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 patches -> float [0, 1] on their device, under one of the 8 flips/rotations (0 = none)."""
     pair = []
     for source in (inputs, targets):
         x = source[index].float().div_(255)
         if transform & 4:
             x = x.flip(-1)
-        pair.append(x.rot90(transform & 3, (-2, -1)).contiguous(memory_format=torch.channels_last))
+        if transform & 3:  # rot90 copies even by 0 turns
+            x = x.rot90(transform & 3, (-2, -1))
+        pair.append(x.contiguous(memory_format=torch.channels_last))
     return pair[0], pair[1]
 
 
 def learning_rate(args: dict, progress: float) -> float:
-    """The learning rate at `progress` (epochs done, fractional) of `num_epoch`.
-
-    A linear warm-up over the first `warmup` epochs lets Adam's moment estimates settle before
-    full-size steps (without it, lr 1e-3 spikes the loss around epoch 3).
-    """
+    """The learning rate at `progress` (epochs done, fractional) of `num_epoch`. A linear warm-up over
+    the first `warmup` epochs lets Adam's moments settle (without it, lr 1e-3 spikes around epoch 3)."""
     lr = args["lr"]
     if args["lr_decay"] == "cosine":
         t = min(progress / args["num_epoch"], 1.0)
@@ -181,26 +99,6 @@ def learning_rate(args: dict, progress: float) -> float:
     if progress < args["warmup"]:
         lr *= (progress + 1 / 64) / args["warmup"]  # never exactly zero at the first step
     return lr
-
-
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, weight by weight: an average over the last
-    ~1 / (1 - decay) steps, steadier than the last step's weights."""
-    with torch.no_grad():
-        for average, weight in zip(ema.parameters(), model.parameters(), strict=True):
-            average.lerp_(weight, 1 - decay)
-
-
-def amp_settings(args: dict, device: torch.device) -> tuple[contextlib.AbstractContextManager | None,
-                                                             torch.amp.GradScaler | None]:
-    """(autocast context, made once and entered at every step; fp16 loss scaler) for --amp."""
-    if args.get("amp", "off") == "off":
-        return None, None
-    if device.type != "cuda":
-        print("note: --amp applies to CUDA only; training on the CPU in float32", file=sys.stderr)
-        return None, None
-    dtype = torch.bfloat16 if args["amp"] == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
 # ---------------------------------------------------------------- the loop
@@ -237,13 +135,7 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
                               args["zooms"], processes.device)
     if not processes.main:
         return patches, []
-    out_dir = Path(args["checkpoint_dir"])
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create checkpoint folder {out_dir}: {err.strerror or err}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"checkpoint folder {out_dir} is not writable")
+    writable_folder(Path(args["checkpoint_dir"]))
     return patches, load_pairs(root / args["eval_set"], args["scale"])
 
 
@@ -298,9 +190,8 @@ def train_epoch(
     return record, signum
 
 
-def check(
-    state: TrainingState, processes: Processes, loss_sum: torch.Tensor, stop: StopRequest, done: int
-) -> tuple[float, int | None]:
+def check(state: TrainingState, processes: Processes, loss_sum: torch.Tensor, stop: StopRequest,
+          done: int) -> tuple[float, int | None]:
     """(the epoch's loss sum so far over all processes, the stop signal they agreed on); a loss that
     is not finite in any process stops every process here, before any checkpoint is written."""
     total, signum = processes.check(loss_sum, stop.signum)
@@ -318,12 +209,10 @@ def end_epoch(state: TrainingState, record: dict, eval_pairs: list, out_dir: Pat
     args = state.args
     state.eval_model.eval()
     scores = evaluate(state.eval_model, eval_pairs, args["scale"])
-    record = {"epoch": state.epoch, "loss": record["loss"], "psnr": scores["psnr"], "ssim": scores["ssim"],
-              "seconds": record["seconds"], "patches_per_s": record["patches_per_s"], "lr": record["lr"]}
+    record = {"epoch": state.epoch, "loss": record["loss"], **scores, **record}  # psnr, ssim after the loss
     state.history.append(record)
-    print(f"epoch {state.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  "
-          f"SSIM {record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
-          flush=True)
+    print(f"epoch {state.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  SSIM "
+          f"{record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)", flush=True)
     improved = record["psnr"] > state.best_psnr
     state.best_psnr = max(state.best_psnr, record["psnr"])
     checkpoint = state.to_checkpoint()
@@ -340,21 +229,6 @@ def save_interrupted(state: TrainingState, out_dir: Path, signum: int, main: boo
         save_checkpoint(state.to_checkpoint(), path)
         print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
     return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def validate_training_checkpoint(path: str, state: dict) -> None:
-    missing = [k for k in CHECKPOINT_KEYS if k not in state]
-    if missing:
-        raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
-    load_model(path, torch.device("cpu"))  # checks the weights' names and shapes
-    position = state.get("position")
-    if position is not None and not (isinstance(position, dict) and POSITION_KEYS <= set(position)):
-        raise UserError(f"{path} cannot be resumed: its 'position' is not a mid-epoch position")
-    if state.get("training_weights") is not None:
-        try:
-            SRCNN().load_state_dict(state["training_weights"])
-        except (RuntimeError, TypeError, AttributeError, ValueError):
-            raise UserError(f"{path} cannot be resumed: its 'training_weights' are not SRCNN weights") from None
 
 
 # ---------------------------------------------------------------- command line
@@ -385,23 +259,19 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     flag("--checkpoint-dir", default="checkpoints", help="where checkpoints go")
     flag("--lr-decay", choices=["none", "cosine"], default="none", help="learning-rate schedule")
     flag("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
-    flag("--warmup", type=float, default=1.0,
-         help="epochs of linear learning-rate warm-up at the start")
+    flag("--warmup", type=float, default=1.0, help="epochs of linear learning-rate warm-up at the start")
     flag("--augment", action="store_true", help="random flips/rotations of each batch")
     flag("--fresh-crops", action="store_true", help="move the patch grid to a random offset every epoch")
     flag("--loss-border", type=int, default=0,
-         help="ignore this many pixels at each patch edge in the loss; 6 = only where zero padding has no "
-              "effect, as the paper's unpadded training")
+         help="leave this many pixels at each patch edge out of the loss (6: only pixels zero padding cannot reach)")
     flag("--amp", nargs="?", const="bf16", choices=["off", "bf16", "fp16"], default="off",
          help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16")
     flag("--init", choices=["default", "identity"], default="default",
          help="weight initialisation: PyTorch's default, or the identity mapping")
     flag("--ema-decay", type=float, default=0.0, metavar="D",
-         help="evaluate and save an exponential moving average of the weights, updated after every step "
-              "with this decay, e.g. 0.9998; 0 = off")
+         help="evaluate and save a moving average of the weights, updated every step with this decay (0: off)")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
-         help="train on every training image shrunk by each of these factors, e.g. 1 0.9 0.8 0.7 0.6; "
-              "1 = as it is")
+         help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
 
 
 def check_training_args(args: dict) -> None:
@@ -423,23 +293,23 @@ def check_training_args(args: dict) -> None:
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the whole CLI, the `train` subcommand's parser, whose defaults fill options newer than a checkpoint)."""
-    formatter = HelpFormatter
-    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.", formatter_class=formatter)
+    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.", formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=info.version_string())
     sub = parser.add_subparsers(dest="command", required=True)
-    train_parser = sub.add_parser("train", help="train a new model", formatter_class=formatter)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, formatter_class=HelpFormatter)
+
+    train_parser = command("train", "train a new model")
     add_training_flags(train_parser, resume=False)
-    resume = sub.add_parser("resume", help="continue training from a checkpoint; given flags override saved ones",
-                            formatter_class=formatter)
+    resume = command("resume", "continue training from a checkpoint; given flags override saved ones")
     resume.add_argument("checkpoint", help="a checkpoint written by train or resume")
     add_training_flags(resume, resume=True)
-    insp = sub.add_parser("inspect", help="show a checkpoint's arguments and history", formatter_class=formatter)
+    insp = command("inspect", "show a checkpoint's arguments and history")
     insp.add_argument("checkpoint", help="the checkpoint to describe")
     insp.add_argument("--json", action="store_true", help="print JSON instead of text")
-    insp.add_argument("--plot", metavar="PATH",
-                      help="draw loss and PSNR per epoch into an image, e.g. curve.png (default: no picture)")
-    ev = sub.add_parser("evaluate", help="Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets",
-                        formatter_class=formatter)
+    insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image (default: no picture)")
+    ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint", help="the checkpoint to evaluate")
     ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"], help="data set folders under the data root")
     ev.add_argument("--data-root", default=default_data_root(), help="folder with one folder per set")
@@ -458,22 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         return inspect_checkpoint(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
-        return evaluate_checkpoint(
-            args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale
-        )
+        return evaluate_checkpoint(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble,
+                                   args.scale)
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         check_training_args(options)
         return fit(options, command=command)
-    state = load_checkpoint(args.checkpoint)
-    validate_training_checkpoint(args.checkpoint, state)
+    checkpoint = load_checkpoint(args.checkpoint)
+    check_resumable(args.checkpoint, checkpoint)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
-    if given.get("scale", state["scale"]) != state["scale"]:
-        raise UserError(f"{args.checkpoint} was trained at x{state['scale']}; --scale {given['scale']} contradicts it")
+    if given.get("scale", checkpoint["scale"]) != checkpoint["scale"]:
+        raise UserError(f"{args.checkpoint} was trained at x{checkpoint['scale']}; "
+                        f"--scale {given['scale']} contradicts it")
     defaults = vars(train_parser.parse_args([]))  # for options newer than the checkpoint
-    options = {**defaults, **state["args"], "cuda": False, **given}  # the device is chosen anew by each run
+    options = {**defaults, **checkpoint["args"], "cuda": False, **given}  # the device is chosen anew by each run
     check_training_args(options)
-    return fit(options, state, command)
+    return fit(options, checkpoint, command)
 
 
 if __name__ == "__main__":

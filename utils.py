@@ -131,6 +131,16 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = T
 # ---------------------------------------------------------------- checkpoints
 
 
+def writable_folder(folder: Path) -> None:
+    """Make `folder` if missing; refuse, in one line, one that cannot be written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create checkpoint folder {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"checkpoint folder {folder} is not writable")
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
 

@@ -5,7 +5,8 @@ from unittest.mock import MagicMock
 
 import torch
 
-from train import TrainingState, build_parser
+from train import build_parser
+from training_state import TrainingState
 from utils import load_checkpoint, save_checkpoint
 
 

@@ -28,7 +28,7 @@ def test_identity_init_passes_input_through():
 
 
 def test_moving_average_moves_toward_the_weights_by_one_minus_decay():
-    from train import update_ema
+    from training_state import update_ema
 
     model, ema = SRCNN(), SRCNN()
     before = [p.detach().clone() for p in ema.parameters()]
