@@ -159,6 +159,21 @@ def reliability_warnings(ours: list[float], textbook: list[float], others_share:
     return warnings
 
 
+def training_rates(device: torch.device, rounds: int, patches: int) -> tuple[list[float], list[float]]:
+    """Patches per second of train.py's loop and of the textbook loop, `rounds` each, alternated so
+    that both see the same machine."""
+    torch.manual_seed(0)
+    inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
+    targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
+    ours, textbook = [], []
+    our_epoch(inputs[:256], targets[:256], device)  # warm-up
+    textbook_epoch(inputs[:256], targets[:256], device)
+    for _ in range(rounds):
+        ours.append(our_epoch(inputs, targets, device))
+        textbook.append(textbook_epoch(inputs, targets, device))
+    return ours, textbook
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
@@ -166,32 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda", action="store_true", help="time training, matmul and inference on the GPU")
     args = parser.parse_args(argv)
     device = choose_device(args.cuda)
-    rounds, patches = (2, 1024) if args.quick else (4, 4096)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
-    torch.manual_seed(0)
-    inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
-    targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
-
-    ours, textbook = [], []
-    our_epoch(inputs[:256], targets[:256], device)  # warm-up
-    textbook_epoch(inputs[:256], targets[:256], device)
-    for _ in range(rounds):  # alternate A/B so both see the same machine
-        ours.append(our_epoch(inputs, targets, device))
-        textbook.append(textbook_epoch(inputs, targets, device))
+    ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)))
     peak = matmul_gflops(2 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
     achieved = our_rate * training_flops_per_patch() / 1e9
-
-    model = SRCNN().to(device, memory_format=torch.channels_last).eval()
-    megapixels = inference_megapixels(model, 1 if args.quick else 3)
+    megapixels = inference_megapixels(SRCNN().to(device, memory_format=torch.channels_last).eval(),
+                                      1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
     rss, rss_seconds = super_resolve_peak_rss(rss_size)
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
     )
-    warnings = reliability_warnings(ours, textbook, others_share)
-
     results = {
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                     f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -206,18 +208,26 @@ def main(argv: list[str] | None = None) -> None:
         "super_resolve_lr_size": rss_size,
         "super_resolve_peak_rss_mib": round(rss, 1),
         "super_resolve_seconds": round(rss_seconds, 1),
-        "warnings": warnings,
+        "warnings": reliability_warnings(ours, textbook, others_share),
     }
-    print(f"machine                          {results['machine']}")
-    print(f"training, patches/s (33x33, b128) ours {our_rate:.0f}  textbook {textbook_rate:.0f}  "
-          f"ratio {our_rate / textbook_rate:.2f}x")
-    print(f"training GFLOP/s                 {achieved:.1f} of matmul {peak:.1f} ({achieved / peak:.0%})")
-    print(f"inference (512x512 LR -> x3)     {megapixels:.2f} megapixels/s")
-    print(f"super_resolve.py {rss_size}x{rss_size} LR     peak RSS {rss:.0f} MiB, {rss_seconds:.1f} s")
-    for warning in warnings:
+    print_results(results, args.json)
+
+
+def print_results(results: dict, as_json: bool) -> None:
+    r = results
+    print(f"machine                          {r['machine']}")
+    print(f"training, patches/s (33x33, b128) ours {r['train_patches_per_s_ours']:.0f}  "
+          f"textbook {r['train_patches_per_s_textbook']:.0f}  ratio {r['speedup_vs_textbook']:.2f}x")
+    print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
+          f"({r['fraction_of_matmul_peak']:.0%})")
+    print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")
+    size = r["super_resolve_lr_size"]
+    print(f"super_resolve.py {size}x{size} LR     peak RSS {r['super_resolve_peak_rss_mib']:.0f} MiB, "
+          f"{r['super_resolve_seconds']:.1f} s")
+    for warning in r["warnings"]:
         print(f"warning: {warning}; these figures are not the machine's own, run again when it is idle",
               file=sys.stderr)
-    if args.json:
+    if as_json:
         print(json.dumps(results, indent=2))
 
 
