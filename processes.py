@@ -84,11 +84,10 @@ class Processes:
     def __exit__(self, kind, error, traceback) -> None:
         if self.world == 1:
             return
-        if peer_failure(error):  # a broken group cannot be torn down, and can abort a normal exit: leave now
+        if peer_failure(error):  # the group is broken: leave it as it is
             first_line = str(error).strip().splitlines()[0][:200]
-            print(f"error: another training process failed ({first_line}); this one stopped without writing "
-                  "a checkpoint", file=sys.stderr, flush=True)
-            os._exit(2)
+            raise UserError(f"another training process failed ({first_line}); this one stopped without "
+                            "writing a checkpoint") from None
         if error is None or isinstance(error, UserError):  # all processes got here, and agree on the error
             dist.barrier()  # tear the group down together, never while another process still uses it
         dist.destroy_process_group()

@@ -24,16 +24,23 @@ class UserError(Exception):
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI entry point: user errors become one line on stderr and exit code 2."""
     try:
-        sys.exit(main() or 0)
+        code = main() or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except BrokenPipeError:  # output piped into a reader that stopped early, such as `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+        code = 141
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one of several training processes: everything is saved, and Python's own teardown can
+        # abort in gloo's threads (SIGABRT) instead of returning this exit code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
