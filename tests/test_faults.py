@@ -162,7 +162,8 @@ def uninterrupted(mini_root, tmp_path_factory):
 def test_signal_saves_interrupted_and_resume_is_exact(cli, uninterrupted, tmp_path, signum, code):
     cmd, expected = uninterrupted
     cmd = [*cmd[:-1], str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     wait_for_line(proc, "epoch    1")
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
