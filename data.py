@@ -78,28 +78,73 @@ def to_8bit_gray(image: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- the degradation
 
 
+DEGRADATIONS = ("pil", "matlab")  # how the bicubic resizes are made: Pillow's, or MATLAB's imresize
+
+
+def cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5, as MATLAB's imresize uses."""
+    x = np.abs(x)
+    return ((1.5 * x**3 - 2.5 * x**2 + 1) * (x <= 1)
+            + (-0.5 * x**3 + 2.5 * x**2 - 4 * x + 2) * ((x > 1) & (x <= 2)))
+
+
+def matlab_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, input indices), both out_size x taps, of MATLAB's bicubic imresize along one axis:
+    the kernel widened by the scale when shrinking (antialiasing), mirrored indices at the borders."""
+    scale = out_size / in_size
+    width = 4.0 / scale if scale < 1 else 4.0
+    centre = np.arange(1, out_size + 1) / scale + 0.5 * (1 - 1 / scale)  # in MATLAB's 1-based coordinates
+    first = np.floor(centre - width / 2)
+    indices = first[:, None] + np.arange(int(np.ceil(width)) + 2)[None, :]
+    distance = centre[:, None] - indices
+    weights = scale * cubic(distance * scale) if scale < 1 else cubic(distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_size), np.arange(in_size - 1, -1, -1)])  # symmetric padding
+    indices = mirror[np.mod(indices - 1, 2 * in_size).astype(np.int64)]
+    used = np.any(weights != 0, axis=0)
+    return weights[:, used], indices[:, used]
+
+
+def matlab_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """MATLAB's imresize(image, [h w], 'bicubic') on an 8-bit image: rows first, then columns, in
+    float64, rounded (half away from zero, as MATLAB) to 8 bits at the end."""
+    x = np.asarray(image, dtype=np.float64)
+    for axis, out_size in ((0, size[1]), (1, size[0])):
+        weights, indices = matlab_weights(x.shape[axis], out_size)
+        x = np.moveaxis(np.einsum("ot,ot...->o...", weights, np.moveaxis(x, axis, 0)[indices]), 0, axis)
+    return Image.fromarray(np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8), image.mode)
+
+
+def resize(image: Image.Image, size: tuple[int, int], degradation: str) -> Image.Image:
+    """Bicubic resize to `size` (width, height), Pillow's or MATLAB's."""
+    if degradation == "matlab":
+        return matlab_resize(image, size)
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def modcrop(image: Image.Image, scale: int) -> Image.Image:
     """Crop (never resize) so that both sides are multiples of `scale`."""
     width, height = image.size
     return image.crop((0, 0, width - width % scale, height - height % scale))
 
 
-def downscale(hr: Image.Image, scale: int) -> Image.Image:
-    """The low-resolution image: modcrop, then Pillow bicubic down by `scale`."""
+def downscale(hr: Image.Image, scale: int, degradation: str = "pil") -> Image.Image:
+    """The low-resolution image: modcrop, then bicubic down by `scale`."""
     hr = modcrop(hr, scale)
-    return hr.resize((hr.width // scale, hr.height // scale), Image.Resampling.BICUBIC)
+    return resize(hr, (hr.width // scale, hr.height // scale), degradation)
 
 
-def upscale(lr: Image.Image, scale: int) -> Image.Image:
-    """The network's input: Pillow bicubic up by `scale`."""
-    return lr.resize((lr.width * scale, lr.height * scale), Image.Resampling.BICUBIC)
+def upscale(lr: Image.Image, scale: int, degradation: str = "pil") -> Image.Image:
+    """The network's input: bicubic up by `scale`."""
+    return resize(lr, (lr.width * scale, lr.height * scale), degradation)
 
 
-def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
-    """(bicubic input, modcropped HR): the one pair every part of the project trains and tests on."""
+def degrade(hr: Image.Image, scale: int, degradation: str = "pil") -> tuple[Image.Image, Image.Image]:
+    """(bicubic input, modcropped HR): the one pair every part of the project trains and tests on,
+    made with Pillow's bicubic or MATLAB's (the field's tables)."""
     if min(hr.size) < scale:
         raise UserError(f"image of {hr.width}x{hr.height} is too small for x{scale}")
-    return upscale(downscale(hr, scale), scale), modcrop(hr, scale)
+    return upscale(downscale(hr, scale, degradation), scale, degradation), modcrop(hr, scale)
 
 
 # ---------------------------------------------------------------- data sets
@@ -134,7 +179,7 @@ def shrink(image: Image.Image, zoom: float) -> Image.Image:
 
 
 def load_pairs(
-    folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,)
+    folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,), degradation: str = "pil"
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, bicubic input, HR) for every image of a folder (and every zoom of it), as uint8 3 x H x W tensors."""
     pairs = []
@@ -144,7 +189,7 @@ def load_pairs(
             shrunk = shrink(image, zoom)
             if min(shrunk.size) < scale:
                 continue
-            lr_up, hr = degrade(shrunk, scale)
+            lr_up, hr = degrade(shrunk, scale, degradation)
             name = path.stem if zoom == 1 else f"{path.stem}@{zoom:g}"
             pairs.append((name, image_to_tensor(lr_up), image_to_tensor(hr)))
     return pairs
@@ -154,9 +199,10 @@ class TrainingPatches:
     """All (input, target) patch pairs of a folder, held in memory (on the training device) as
     uint8 N x 3 x P x P tensors.
 
-    `offset` shifts the patch grid inside each image, so every epoch can see fresh crops at the
-    cost of one cheap re-extraction; offset 0 is the assignment's fixed grid. `zooms` adds shrunk
-    copies of every image: more varied training detail from the same 91 images.
+    Every epoch may move the patch grid inside each image (fresh crops, at the cost of one cheap
+    re-extraction; offset 0 is the assignment's fixed grid). `zooms` adds shrunk copies of every
+    image: more varied training detail from the same 91 images. `degradation` "mixed" keeps each
+    image's input made both ways (Pillow, MATLAB) and draws one of the two per image every epoch.
     """
 
     def __init__(
@@ -167,29 +213,37 @@ class TrainingPatches:
         stride: int,
         zooms: Sequence[float] = (1.0,),
         device: torch.device | str = "cpu",
+        degradation: str = "pil",
     ) -> None:
-        pairs = load_pairs(folder, scale, zooms)
+        kinds = DEGRADATIONS if degradation == "mixed" else (degradation,)
+        made = [load_pairs(folder, scale, zooms, kind) for kind in kinds]
         # images smaller than a patch hold none; the rest live on `device`, where patches are cut and batched
-        self.images = [(x.to(device), y.to(device)) for _, x, y in pairs if min(x.shape[1:]) >= patch_size]
-        self.patch_size, self.stride = patch_size, stride
+        self.images = [([pairs[i][1].to(device) for pairs in made], y.to(device))
+                       for i, (_, x, y) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]
+        self.patch_size, self.stride, self.kinds = patch_size, stride, len(kinds)
         if not self.images:
             raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")
         self.inputs, self.targets = self.extract(0)
 
-    def extract(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(self, offset: int, kinds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches of the grid shifted by `offset`, from each image's input of kind kinds[i]."""
         p, s = self.patch_size, self.stride
         inputs, targets = [], []
-        for x, y in self.images:
+        for i, (made, y) in enumerate(self.images):
+            x = made[kinds[i] if kinds else 0]
             o = offset if min(x.shape[1:]) >= p + offset else 0
             for source, out in ((x, inputs), (y, targets)):
                 grid = source[:, o:, o:].unfold(1, p, s).unfold(2, p, s)  # 3, rows, cols, p, p
                 out.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p))
         return torch.cat(inputs), torch.cat(targets)
 
-    def reshuffle_grid(self, generator: torch.Generator) -> None:
-        """Move the patch grid to a random offset in [0, stride)."""
-        offset = int(torch.randint(self.stride, (1,), generator=generator))
-        self.inputs, self.targets = self.extract(offset)
+    def new_epoch(self, generator: torch.Generator, move_grid: bool) -> None:
+        """Draw this epoch's patches: the grid at a random offset in [0, stride) if `move_grid`, each
+        image's degradation if mixed. Draws nothing, and keeps the patches, when neither applies."""
+        offset = int(torch.randint(self.stride, (1,), generator=generator)) if move_grid else 0
+        kinds = torch.randint(self.kinds, (len(self.images),), generator=generator).tolist() if self.kinds > 1 else None
+        if move_grid or kinds:
+            self.inputs, self.targets = self.extract(offset, kinds)
 
     def __len__(self) -> int:
         return len(self.inputs)

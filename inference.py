@@ -101,12 +101,15 @@ def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool =
     return {"psnr": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims)}
 
 
-def super_resolve_image(model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False) -> Image.Image:
-    """Upscale a low-resolution image of any mode by `scale`: bicubic, then SRCNN."""
+def super_resolve_image(
+    model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False, degradation: str = "pil"
+) -> Image.Image:
+    """Upscale a low-resolution image of any mode by `scale`: bicubic (Pillow's or MATLAB's), then SRCNN."""
     rgb, alpha, gray = split_modes(image)
-    out = tensor_to_image(enhance(model, image_to_tensor(upscale(rgb, scale)), self_ensemble))
+    out = tensor_to_image(enhance(model, image_to_tensor(upscale(rgb, scale, degradation)), self_ensemble))
     if gray:
         out = out.convert("L")
     if alpha is not None:
         out.putalpha(upscale(alpha, scale))
     return out
+

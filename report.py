@@ -11,6 +11,7 @@ from data import load_pairs
 from inference import evaluate, load_model
 from utils import UserError, choose_device
 
+EVALUATION_SETS = ("Set5", "Set14", "BSD100")
 ZOOM_DB = 0.3  # the PSNR panel that shows late gains spans this far below the best score
 
 
@@ -100,14 +101,16 @@ def plot_history(summary: dict, path: Path) -> None:
         raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def evaluate_checkpoint(
-    path: str, sets: list[str], data_root: str, cuda: bool, self_ensemble: bool, scale: int | None
-) -> int:
-    """Y-PSNR / SSIM of the model and of bicubic on whole data sets, one row per set."""
+def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda: bool, self_ensemble: bool,
+                        scale: int | None, degradation: str = "pil") -> int:
+    """Y-PSNR / SSIM of the model and of bicubic on whole data sets, one row per set. Without
+    `sets`: every one of EVALUATION_SETS found in the data root."""
     device = choose_device(cuda)
     model, scale, _ = load_model(path, device, scale)
-    all_pairs = {name: load_pairs(Path(data_root) / name, scale) for name in sets}  # a missing set: before any output
-    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved"
+    root = Path(data_root)
+    sets = sets or [name for name in EVALUATION_SETS if (root / name).is_dir()] or list(EVALUATION_SETS)
+    all_pairs = {name: load_pairs(root / name, scale, degradation=degradation) for name in sets}  # all, before output
+    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved, {degradation} bicubic"
           + (", x8 self-ensemble" if self_ensemble else ""))
     print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
     for name, pairs in all_pairs.items():

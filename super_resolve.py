@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
-from data import IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
+from data import DEGRADATIONS, IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
 from inference import load_model, super_resolve_image
 from model import SRCNN
 from utils import HelpFormatter, UserError, choose_device, image_to_tensor, psnr, run_cli, ssim
@@ -126,12 +126,12 @@ def super_resolve_file(model: SRCNN, source: Path, dest: Path, scale: int, args:
     hr = load_ground_truth(args.gt, size, scale) if args.gt else None
     if args.crop:
         check_crop(args.crop, size)
-    sr = super_resolve_image(model, lr, scale, args.self_ensemble)
+    sr = super_resolve_image(model, lr, scale, args.self_ensemble, args.degradation)
     save_image(sr, dest)
     print(f"{source} -> {dest} ({lr.width}x{lr.height} -> {sr.width}x{sr.height})")
     if not (args.gt or args.compare):
         return
-    panels = [("bicubic", upscale(split_modes(lr)[0], scale)), ("SRCNN", split_modes(sr)[0])]
+    panels = [("bicubic", upscale(split_modes(lr)[0], scale, args.degradation)), ("SRCNN", split_modes(sr)[0])]
     if hr is not None:
         hr_t = image_to_tensor(hr)
         for i, (label, image) in enumerate(panels):
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=parse_crop, metavar="X,Y,W,H",
                         help="with --compare: show this region enlarged (default: the whole image)")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations (slower)")
+    parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
+                        help="the bicubic upscale before the network: Pillow's, or MATLAB's imresize")
     parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
     parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")

@@ -23,10 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 import info
-from data import TrainingPatches, default_data_root, load_pairs
+from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
 from inference import evaluate
 from processes import Processes, StopRequest, launch_command
-from report import evaluate_checkpoint, inspect_checkpoint
+from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoint
 from training_state import TrainingState, amp_settings, check_resumable, update_ema
 from utils import HelpFormatter, UserError, load_checkpoint, run_cli, save_checkpoint, writable_folder
 
@@ -37,16 +37,10 @@ CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the 
 # ---------------------------------------------------------------- one step, and a batch for it
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    border: int = 0,
-    chunk: int | None = CPU_CHUNK,
-    autocast: contextlib.AbstractContextManager | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> torch.Tensor:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               border: int = 0, chunk: int | None = CPU_CHUNK,
+               autocast: contextlib.AbstractContextManager | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One MSE/Adam update on a batch; its loss (`border` pixels in from the patch edges) as a tensor
     on the device, so that nothing waits for the device. `chunk` patches pass at a time with the
     gradients summed: the same update, but on a CPU the activations stay in cache (1.5x faster at
@@ -132,21 +126,17 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
     also makes sure the checkpoint folder can be written before any training."""
     root = Path(args["data_root"])
     patches = TrainingPatches(root / args["train_set"], args["scale"], args["patch_size"], args["stride"],
-                              args["zooms"], processes.device)
+                              args["zooms"], processes.device, args["degradation"])
     if not processes.main:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]))
-    return patches, load_pairs(root / args["eval_set"], args["scale"])
+    evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
+    return patches, load_pairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
 
 
-def train_epoch(
-    state: TrainingState,
-    ddp_model: nn.Module,
-    patches: TrainingPatches,
-    processes: Processes,
-    stop: StopRequest,
-    autocast: contextlib.AbstractContextManager | None,
-) -> tuple[dict | None, int | None]:
+def train_epoch(state: TrainingState, ddp_model: nn.Module, patches: TrainingPatches, processes: Processes,
+                stop: StopRequest,
+                autocast: contextlib.AbstractContextManager | None) -> tuple[dict | None, int | None]:
     """One epoch of steps (from state.position, if an interrupted one is resumed). Returns the
     training part of its history record (None if stopped mid-epoch: state.position then says where,
     and the generator is back at the epoch's start so that resume replays its draws) and the stop
@@ -154,8 +144,7 @@ def train_epoch(
     args = state.args
     epoch_start = state.generator.get_state()
     position = state.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
-    if args["fresh_crops"]:
-        patches.reshuffle_grid(state.generator)
+    patches.new_epoch(state.generator, move_grid=args["fresh_crops"])
     batches = processes.share(len(patches), args["batch_size"], args["seed"], state.epoch)
     transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=state.generator)
     chunk = CPU_CHUNK if processes.device.type == "cpu" else None
@@ -238,10 +227,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     """The training flags; for `resume` they default to 'not given' so the saved values stand."""
 
     def flag(*names, **kwargs):
-        if resume:
+        if resume:  # the device is chosen anew by every run
             kwargs["default"] = argparse.SUPPRESS
-            device = names[0] == "--cuda"
-            kwargs["help"] += " (default: off: each run chooses its device)" if device else " (default: as saved)"
+            kwargs["help"] += " (default: off)" if names[0] == "--cuda" else " (default: as saved)"
         parser.add_argument(*names, **kwargs)
 
     flag("--cuda", action="store_true", help="train on the GPU")
@@ -270,6 +258,8 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="weight initialisation: PyTorch's default, or the identity mapping")
     flag("--ema-decay", type=float, default=0.0, metavar="D",
          help="evaluate and save a moving average of the weights, updated every step with this decay (0: off)")
+    flag("--degradation", choices=[*DEGRADATIONS, "mixed"], default="pil",
+         help="bicubic of the inputs: Pillow's, MATLAB's imresize, or per image one of the two each epoch")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
          help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
 
@@ -311,7 +301,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image (default: no picture)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint", help="the checkpoint to evaluate")
-    ev.add_argument("--sets", nargs="+", default=["Set5", "Set14"], help="data set folders under the data root")
+    ev.add_argument("--sets", nargs="+", help="data set folders under the data root (default: those of "
+                    f"{', '.join(EVALUATION_SETS)} found there)")
+    ev.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="bicubic: Pillow's or MATLAB's")
     ev.add_argument("--data-root", default=default_data_root(), help="folder with one folder per set")
     ev.add_argument("--cuda", action="store_true", help="run on the GPU")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
@@ -329,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return inspect_checkpoint(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
         return evaluate_checkpoint(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble,
-                                   args.scale)
+                                   args.scale, args.degradation)
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         check_training_args(options)

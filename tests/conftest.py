@@ -16,7 +16,7 @@ from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SRCNN_SHARED_DATA", ROOT.parent / "shared" / "data"))
-REAL_SETS = ("T91", "Set5", "Set14")
+REAL_SETS = ("T91", "Set5", "Set14", "BSD100")
 
 
 def run(script: str, *args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

@@ -63,7 +63,11 @@ def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
 def test_evaluate_reports_bicubic_and_model(trained, mini_root):
     result = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root), "--sets", "Set5")
     assert result.returncode == 0, result.stderr
-    assert "bicubic" in result.stdout and "Set5" in result.stdout
+    assert "bicubic" in result.stdout and "Set5" in result.stdout and "pil bicubic" in result.stdout
+    found = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root),
+                "--degradation", "matlab")  # every evaluation set found in the data root: here Set5 alone
+    assert found.returncode == 0 and "matlab bicubic" in found.stdout
+    assert [line.split()[0] for line in found.stdout.splitlines()[2:]] == ["Set5"]
 
 
 def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
@@ -75,6 +79,10 @@ def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
     out = Image.open(tmp_path / "lr_srcnn_x3.png")
     assert out.size == (60, 60) and out.mode == "RGB"
     assert "bicubic" in result.stdout and "srcnn" in result.stdout and "PSNR" in result.stdout
+    matlab = run("super_resolve.py", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
+                 "--degradation", "matlab", "--output", str(tmp_path / "matlab.png"))
+    assert matlab.returncode == 0, matlab.stderr
+    assert out.tobytes() != Image.open(tmp_path / "matlab.png").tobytes()  # another bicubic before the network
 
 
 def test_resume_is_exact(mini_root, tmp_path):

@@ -9,11 +9,12 @@ import threading
 
 import numpy as np
 import pytest
+import resize_right
 import torch
 from PIL import Image
 
 from conftest import ROOT, assert_clean_error, find_real_data, run
-from data import TrainingPatches, degrade, download, load_pairs, read_manifest
+from data import TrainingPatches, degrade, download, list_images, load_pairs, matlab_resize, modcrop, read_manifest
 from utils import UserError, current_umask
 
 
@@ -148,5 +149,38 @@ def test_images_smaller_than_a_patch_are_skipped_among_larger_ones(tmp_path):
     Image.new("RGB", (90, 30), "blue").save(tmp_path / "T91" / "flat.png")  # 30 px high: no 33 px patch
     patches = TrainingPatches(tmp_path / "T91", 3, 33, 14)
     assert len(patches) == 3**2 and patches.inputs[:, 0].float().mean() > 200  # all from the red image
-    patches.reshuffle_grid(torch.Generator().manual_seed(0))
+    patches.new_epoch(torch.Generator().manual_seed(0), move_grid=True)
     assert len(patches) in (2**2, 3**2)
+
+
+def test_matlab_bicubic_equals_an_independent_implementation(real_data):
+    """resize-right in MATLAB's mode (Keys cubic, antialiased when shrinking, symmetric borders)."""
+    for path in list_images(real_data / "Set5"):
+        hr = modcrop(Image.open(path).convert("RGB"), 3)
+        lr = matlab_resize(hr, (hr.width // 3, hr.height // 3))
+        up = matlab_resize(lr, hr.size)
+        for source, ours in ((hr, lr), (lr, up)):
+            theirs = resize_right.resize(np.asarray(source, dtype=np.float64), out_shape=(ours.height, ours.width, 3),
+                                         pad_mode="symmetric")
+            difference = np.abs(np.clip(np.round(theirs), 0, 255) - np.asarray(ours))
+            assert difference.max() <= 1 and (difference == 0).mean() >= 0.999, path.name
+
+
+def test_mixed_degradation_draws_each_images_input_every_epoch(mini_root):
+    pil = TrainingPatches(mini_root / "T91", 3, 33, 14)
+    matlab = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="matlab")
+    mixed = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="mixed")
+    assert not torch.equal(pil.inputs, matlab.inputs) and torch.equal(pil.targets, matlab.targets)
+    seen = set()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        mixed.new_epoch(generator, move_grid=False)
+        for image in range(2):  # 9 patches an image: each image's come from one of the two inputs
+            part = slice(9 * image, 9 * image + 9)
+            kind = [torch.equal(mixed.inputs[part], made.inputs[part]) for made in (pil, matlab)]
+            assert kind in ([True, False], [False, True])
+            seen.add((image, kind[0]))
+    assert len(seen) == 4  # both images got both kinds over the epochs
+    before = generator.get_state()
+    pil.new_epoch(generator, move_grid=False)  # nothing to draw: the single-kind, fixed-grid run stays as it was
+    assert torch.equal(generator.get_state(), before)
