@@ -113,3 +113,20 @@ def super_resolve_image(
         out.putalpha(upscale(alpha, scale))
     return out
 
+
+def export_onnx(model: SRCNN, path: Path) -> None:
+    """The network as an ONNX model for deployment without this project: input the bicubic-upscaled
+    RGB image in [0, 1] (N x 3 x H x W float32, any N, H, W), output the SRCNN image of the same size."""
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        raise UserError("--export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    sizes = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1),
+             3: torch.export.Dim("width", min=1)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.onnx.export(model, (torch.rand(1, 3, 64, 64),), path, input_names=["input"], output_names=["output"],
+                          dynamic_shapes={"x": sizes}, dynamo=True, verbose=False)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None

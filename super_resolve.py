@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import info
 from data import DEGRADATIONS, IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
-from inference import load_model, super_resolve_image
+from inference import export_onnx, load_model, super_resolve_image
 from model import SRCNN
 from utils import HelpFormatter, UserError, choose_device, image_to_tensor, psnr, run_cli, ssim
 
@@ -148,7 +148,7 @@ def super_resolve_file(model: SRCNN, source: Path, dest: Path, scale: int, args:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a bare SRCNN state_dict (required)")
     parser.add_argument("--output", help="output file, or folder for several inputs "
                         "(default: <stem>_srcnn_x<scale>.png beside each input)")
@@ -164,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
     parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
+    parser.add_argument("--export", metavar="MODEL.onnx",
+                        help="write the network as ONNX (dynamic height and width) instead (default: none)")
     parser.add_argument("--version", action="version", version=info.version_string())
     args = parser.parse_args(argv)
+    if args.export:
+        export_onnx(load_model(args.checkpoint, choose_device(False), args.scale)[0], Path(args.export))
+        print(f"ONNX model written to {args.export}")
+        return 0
+    if not args.inputs:
+        parser.error("the following arguments are required: INPUT (or --export)")
     files = expand_inputs(args.inputs)
     many = len(files) > 1 or any(Path(name).is_dir() for name in args.inputs)
     if many and (args.gt or args.compare):

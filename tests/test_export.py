@@ -1,0 +1,35 @@
+"""The ONNX export: a model that onnxruntime runs at any size, giving what the network gives."""
+
+import numpy as np
+import onnxruntime
+import torch
+
+from conftest import ROOT, assert_clean_error
+from inference import load_model
+
+
+def test_exported_model_runs_in_onnxruntime_at_any_size_like_the_network(cli, tmp_path):
+    path = tmp_path / "deploy" / "srcnn.onnx"
+    result = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), "--export", str(path))
+    assert result.returncode == 0 and f"ONNX model written to {path}" in result.stdout
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = load_model(ROOT / "checkpoint.pth", torch.device("cpu"))[0]
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((1, 3, 40, 56), (2, 3, 23, 31)):
+        x = torch.rand(*shape, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        out = session.run(None, {"input": x.numpy()})[0]
+        assert out.shape == expected.shape and np.abs(out - expected).max() < 1e-4
+
+
+def test_without_inputs_or_export_is_a_usage_error(cli):
+    result = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"))
+    assert result.returncode == 2 and "INPUT (or --export)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_to_an_unwritable_place_is_one_line(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    result = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), "--export", str(blocker / "m.onnx"))
+    assert_clean_error(result, "cannot write")
