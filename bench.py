@@ -10,6 +10,7 @@ alternating in one run, so the ratio holds whatever else the machine does.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from inference import super_resolve_image
+from inference import enhance, export_onnx, super_resolve_image
 from model import SRCNN
 from train import CPU_CHUNK, make_batch, train_step
-from utils import HelpFormatter, choose_device, run_cli
+from utils import HelpFormatter, UserError, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
 
@@ -115,6 +116,30 @@ def inference_megapixels(model: SRCNN, repeats: int) -> float:
     return repeats * out.width * out.height / (time.perf_counter() - start) / 1e6
 
 
+def network_megapixels(model: SRCNN, repeats: int, size: int = 1536) -> tuple[float, float | None]:
+    """Megapixels/s of the network on one size x size input: our inference path (enhance: tiles,
+    8-bit output) and ONNX Runtime on the exported model (None without onnxruntime/onnxscript)."""
+    x = torch.rand(3, size, size).mul(255).to(torch.uint8)
+    enhance(model, x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        enhance(model, x)
+    ours = repeats * size * size / (time.perf_counter() - start) / 1e6
+    try:
+        import onnxruntime
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(copy.deepcopy(model), Path(tmp) / "srcnn.onnx")
+            session = onnxruntime.InferenceSession(str(Path(tmp) / "srcnn.onnx"), providers=["CPUExecutionProvider"])
+    except (ImportError, UserError):
+        return ours, None
+    feed = {"input": x.float().div(255).unsqueeze(0).numpy()}
+    session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        session.run(None, feed)
+    return ours, repeats * size * size / (time.perf_counter() - start) / 1e6
+
+
 def super_resolve_peak_rss(size: int) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of `python super_resolve.py` on a size x size LR image."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     megapixels = inference_megapixels(SRCNN().to(device, memory_format=torch.channels_last).eval(),
                                       1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
-    rss, rss_seconds = super_resolve_peak_rss(rss_size)
+    rss, rss_seconds = super_resolve_peak_rss(rss_size)  # first: the ONNX export may start children of its own
+    cpu_model = SRCNN().to(memory_format=torch.channels_last).eval()  # ONNX Runtime runs on the CPU: so does ours
+    network, onnx_runtime = network_megapixels(cpu_model, 1 if args.quick else 3)
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
@@ -205,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_gflops": round(peak, 1),
         "fraction_of_matmul_peak": round(achieved / peak, 3),
         "inference_megapixels_per_s": round(megapixels, 2),
+        "network_megapixels_per_s_ours": round(network, 2),
+        "network_megapixels_per_s_onnxruntime": None if onnx_runtime is None else round(onnx_runtime, 2),
         "super_resolve_lr_size": rss_size,
         "super_resolve_peak_rss_mib": round(rss, 1),
         "super_resolve_seconds": round(rss_seconds, 1),
@@ -221,6 +250,9 @@ def print_results(results: dict, as_json: bool) -> None:
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
           f"({r['fraction_of_matmul_peak']:.0%})")
     print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")
+    onnx_runtime = r["network_megapixels_per_s_onnxruntime"]
+    print(f"network on 1536x1536, CPU        ours {r['network_megapixels_per_s_ours']:.2f} megapixels/s  "
+          + ("ONNX Runtime not installed" if onnx_runtime is None else f"ONNX Runtime {onnx_runtime:.2f}"))
     size = r["super_resolve_lr_size"]
     print(f"super_resolve.py {size}x{size} LR     peak RSS {r['super_resolve_peak_rss_mib']:.0f} MiB, "
           f"{r['super_resolve_seconds']:.1f} s")
