@@ -10,7 +10,6 @@ alternating in one run, so the ratio holds whatever else the machine does.
 """
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -128,7 +127,7 @@ def network_megapixels(model: SRCNN, repeats: int, size: int = 1536) -> tuple[fl
     try:
         import onnxruntime
         with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(copy.deepcopy(model), Path(tmp) / "srcnn.onnx")
+            export_onnx(model, Path(tmp) / "srcnn.onnx")
             session = onnxruntime.InferenceSession(str(Path(tmp) / "srcnn.onnx"), providers=["CPUExecutionProvider"])
     except (ImportError, UserError):
         return ours, None

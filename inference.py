@@ -1,6 +1,7 @@
 """The one inference path (bicubic input, network, exact tiling, self-ensemble) and the one
 evaluation; super_resolve.py, train.py and report.py all use these."""
 
+import copy
 from pathlib import Path
 
 import torch
@@ -121,7 +122,7 @@ def export_onnx(model: SRCNN, path: Path) -> None:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
         raise UserError("--export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
-    model = model.cpu().to(memory_format=torch.contiguous_format)
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)  # the caller's model stays as it is
     sizes = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1),
              3: torch.export.Dim("width", min=1)}
     try:
