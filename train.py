@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import info
 from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
-from inference import evaluate
+from inference import evaluate, load_model
 from processes import Processes, StopRequest, launch_command
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoint
 from training_state import TrainingState, amp_settings, check_resumable, update_ema
@@ -254,8 +254,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="leave this many pixels at each patch edge out of the loss (6: only pixels zero padding cannot reach)")
     flag("--amp", nargs="?", const="bf16", choices=["off", "bf16", "fp16"], default="off",
          help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16")
-    flag("--init", choices=["default", "identity"], default="default",
-         help="weight initialisation: PyTorch's default, or the identity mapping")
+    flag("--init", default="default", metavar="{default,identity,CHECKPOINT}",
+         help="starting weights: PyTorch's default, the identity mapping, or a checkpoint's "
+              "(e.g. checkpoint.pth, the x3 model, to train x2 or x4 from)")
     flag("--ema-decay", type=float, default=0.0, metavar="D",
          help="evaluate and save a moving average of the weights, updated every step with this decay (0: off)")
     flag("--degradation", choices=[*DEGRADATIONS, "mixed"], default="pil",
@@ -308,6 +309,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ev.add_argument("--cuda", action="store_true", help="run on the GPU")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
     ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
+    ev.add_argument("--report", metavar="DIR", help="also write an HTML page comparing the pictures, DIR/index.html "
+                    "(default: none)")
     return parser, train_parser
 
 
@@ -321,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         return inspect_checkpoint(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
         return evaluate_checkpoint(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble,
-                                   args.scale, args.degradation)
+                                   args.scale, args.degradation, args.report)
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         check_training_args(options)
+        if options["init"] not in ("default", "identity"):  # a bad --init CHECKPOINT ends here, before any work
+            load_model(options["init"], torch.device("cpu"))
         return fit(options, command=command)
     checkpoint = load_checkpoint(args.checkpoint)
     check_resumable(args.checkpoint, checkpoint)

@@ -47,6 +47,8 @@ class TrainingState:
         model = SRCNN()
         if args["init"] == "identity":
             init_identity_(model)
+        elif args["init"] != "default" and checkpoint is None:  # a resumed run has its own weights
+            model.load_state_dict(load_model(args["init"], torch.device("cpu"))[0].state_dict())
         model = model.to(device, memory_format=torch.channels_last)
         state = cls(args, model, torch.optim.Adam(model.parameters(), lr=args["lr"]),
                     torch.Generator().manual_seed(args["seed"]), copy.deepcopy(model) if args["ema_decay"] else None,
