@@ -92,14 +92,17 @@ def enhance(model: SRCNN, image: torch.Tensor, self_ensemble: bool = False, tile
 
 
 @torch.no_grad()
-def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool = False) -> dict:
-    """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic."""
-    psnrs, ssims = [], []
-    for _, lr_up, hr in pairs:
+def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool = False,
+             keep_outputs: bool = False) -> dict:
+    """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic.
+    'images' holds each image's name and scores, and with `keep_outputs` its output (uint8)."""
+    images = []
+    for name, lr_up, hr in pairs:
         sr = lr_up if model is None else enhance(model, lr_up, self_ensemble)
-        psnrs.append(psnr(sr, hr, shave=scale))
-        ssims.append(ssim(sr, hr, shave=scale))
-    return {"psnr": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims)}
+        images.append({"name": name, "psnr": psnr(sr, hr, shave=scale), "ssim": ssim(sr, hr, shave=scale)}
+                      | ({"output": sr} if keep_outputs else {}))
+    return {"psnr": sum(i["psnr"] for i in images) / len(images), "ssim": sum(i["ssim"] for i in images) / len(images),
+            "images": images}
 
 
 def super_resolve_image(

@@ -1,5 +1,5 @@
 """Reports on checkpoints: `train.py inspect` (summary, history, training-curve plot) and
-`train.py evaluate` (the table of scores per data set)."""
+`train.py evaluate` (the table of scores per data set, and with --report the HTML page of report_html.py)."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 
 from data import load_pairs
 from inference import evaluate, load_model
-from utils import UserError, choose_device
+from report_html import write_report
+from utils import UserError, choose_device, writable_folder
 
 EVALUATION_SETS = ("Set5", "Set14", "BSD100")
 ZOOM_DB = 0.3  # the PSNR panel that shows late gains spans this far below the best score
@@ -102,20 +103,33 @@ def plot_history(summary: dict, path: Path) -> None:
 
 
 def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda: bool, self_ensemble: bool,
-                        scale: int | None, degradation: str = "pil") -> int:
-    """Y-PSNR / SSIM of the model and of bicubic on whole data sets, one row per set. Without
-    `sets`: every one of EVALUATION_SETS found in the data root."""
+                        scale: int | None, degradation: str = "pil", report: str | None = None) -> int:
+    """Y-PSNR / SSIM of the model and of bicubic on whole data sets, one row per set (and with
+    `self_ensemble` a column for the x8 ensemble). Without `sets`: every one of EVALUATION_SETS found
+    in the data root. With `report`: also the HTML page of report_html.py in that folder."""
     device = choose_device(cuda)
     model, scale, _ = load_model(path, device, scale)
     root = Path(data_root)
     sets = sets or [name for name in EVALUATION_SETS if (root / name).is_dir()] or list(EVALUATION_SETS)
     all_pairs = {name: load_pairs(root / name, scale, degradation=degradation) for name in sets}  # all, before output
-    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved, {degradation} bicubic"
-          + (", x8 self-ensemble" if self_ensemble else ""))
-    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}")
+    if report:
+        writable_folder(Path(report), "report folder")
+    print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved, {degradation} bicubic")
+    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}" + (f" {'SRCNN x8':>16}" if self_ensemble else ""))
+    scores = {}
     for name, pairs in all_pairs.items():
-        bicubic = evaluate(None, pairs, scale)
-        ours = evaluate(model, pairs, scale, self_ensemble)
-        print(f"{name:8s} {len(pairs):6d} {bicubic['psnr']:8.2f} / {bicubic['ssim']:.4f} "
-              f"{ours['psnr']:8.2f} / {ours['ssim']:.4f}")
+        keep = report is not None
+        scores[name] = {"bicubic": evaluate(None, pairs, scale, keep_outputs=keep),
+                        "srcnn": evaluate(model, pairs, scale, keep_outputs=keep)}
+        if self_ensemble:
+            scores[name]["x8"] = evaluate(model, pairs, scale, self_ensemble=True, keep_outputs=keep)
+        print(f"{name:8s} {len(pairs):6d}" + "".join(f" {s['psnr']:8.2f} / {s['ssim']:.4f}"
+                                                     for s in scores[name].values()))
+    if report:
+        summary = summarize(path)
+        curve = None
+        if summary["history"]:
+            plot_history(summary, Path(report) / "training_curve.png")
+            curve = "training_curve.png"
+        print(f"report written to {write_report(Path(report), summary, degradation, all_pairs, scores, curve)}")
     return 0

@@ -134,14 +134,14 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = T
 # ---------------------------------------------------------------- checkpoints
 
 
-def writable_folder(folder: Path) -> None:
+def writable_folder(folder: Path, role: str = "checkpoint folder") -> None:
     """Make `folder` if missing; refuse, in one line, one that cannot be written to."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create checkpoint folder {folder}: {err.strerror or err}") from None
+        raise UserError(f"cannot create {role} {folder}: {err.strerror or err}") from None
     if not os.access(folder, os.W_OK):
-        raise UserError(f"checkpoint folder {folder} is not writable")
+        raise UserError(f"{role} {folder} is not writable")
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:

@@ -102,6 +102,14 @@ def test_evaluate_checks_every_set_before_printing_anything(cli, weights, mini_r
     assert result.stdout == ""
 
 
+def test_evaluate_refuses_a_report_folder_it_cannot_write_before_any_work(cli, weights, mini_root, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = cli("train", "evaluate", str(weights), "--data-root", str(mini_root), "--sets", "Set5",
+                 "--report", str(tmp_path / "taken" / "report"))
+    assert_clean_error(result, "report folder")
+    assert result.stdout == ""
+
+
 def test_training_images_smaller_than_patch(cli, tmp_path, mini_root):
     (tmp_path / "T91").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "T91" / "tiny.png")
