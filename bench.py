@@ -21,17 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from inference import enhance, export_onnx, super_resolve_image
+from inference import engine_for, enhance, export_onnx, load_model, onnx_model, super_resolve_image
 from model import SRCNN
 from train import CPU_CHUNK, make_batch, train_step
-from utils import HelpFormatter, UserError, choose_device, run_cli
+from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
+CHECKPOINT = Path(__file__).with_name("checkpoint.pth")
+NETWORK_FLOPS_PER_PIXEL = 2 * (3 * 81 * 64 + 64 * 32 + 32 * 25 * 3)  # multiply-adds of the three convolutions
 
 
 class TextbookPatches(Dataset):
@@ -107,48 +110,105 @@ def matmul_gflops(seconds: float, device: torch.device) -> float:
 
 
 def inference_megapixels(model: SRCNN, repeats: int) -> float:
+    network = engine_for(model)
     image = Image.fromarray(torch.randint(0, 256, (512, 512, 3), dtype=torch.uint8).numpy())
-    super_resolve_image(model, image, 3)
+    super_resolve_image(network, image, 3)
     start = time.perf_counter()
     for _ in range(repeats):
-        out = super_resolve_image(model, image, 3)  # ends with the output on the CPU: synchronised
+        out = super_resolve_image(network, image, 3)  # ends with the output on the CPU: synchronised
     return repeats * out.width * out.height / (time.perf_counter() - start) / 1e6
 
 
-def network_megapixels(model: SRCNN, repeats: int, size: int = 1536) -> tuple[float, float | None]:
-    """Megapixels/s of the network on one size x size input: our inference path (enhance: tiles,
-    8-bit output) and ONNX Runtime on the exported model (None without onnxruntime/onnxscript)."""
+def network_megapixels(model: SRCNN, repeats: int, size: int = 1536) -> dict:
+    """Megapixels/s of the network on one size x size input, alternated `repeats` times: our
+    inference path (enhance: tiles, 8-bit output) with its default engine and with PyTorch, and
+    ONNX Runtime on the exported model, whole, as a user of the export would run it."""
     x = torch.rand(3, size, size).mul(255).to(torch.uint8)
-    enhance(model, x)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        enhance(model, x)
-    ours = repeats * size * size / (time.perf_counter() - start) / 1e6
+    network = engine_for(model)
+    runs = {"ours": lambda: enhance(network, x), "pytorch": lambda: enhance(model, x)}
     try:
         import onnxruntime
-        with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(model, Path(tmp) / "srcnn.onnx")
-            session = onnxruntime.InferenceSession(str(Path(tmp) / "srcnn.onnx"), providers=["CPUExecutionProvider"])
-    except (ImportError, UserError):
-        return ours, None
-    feed = {"input": x.float().div(255).unsqueeze(0).numpy()}
-    session.run(None, feed)
-    start = time.perf_counter()
+        session = onnxruntime.InferenceSession(onnx_model(model).SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+        feed = {"input": x.float().div(255).unsqueeze(0).numpy()}
+        runs["onnxruntime"] = lambda: session.run(None, feed)
+    except ImportError:
+        pass
+    seconds = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
     for _ in range(repeats):
-        session.run(None, feed)
-    return ours, repeats * size * size / (time.perf_counter() - start) / 1e6
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: size * size / statistics.median(times) / 1e6 for name, times in seconds.items()}
+
+
+MINIMAL_SCRIPT = """
+import sys
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+model, source, target = sys.argv[1:4]
+session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+lr = Image.open(source).convert("RGB")
+x = np.asarray(lr.resize((lr.width * 3, lr.height * 3), Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1)
+x /= 255
+out = np.empty((x.shape[1], x.shape[2], 3), np.uint8)
+tile, margin = 512, 6
+for top in range(0, x.shape[1], tile):
+    for left in range(0, x.shape[2], tile):
+        t0, l0 = max(top - margin, 0), max(left - margin, 0)
+        window = np.ascontiguousarray(x[None, :, t0:top + tile + margin, l0:left + tile + margin])
+        y = session.run(None, {"input": window})[0][0, :, top - t0:top - t0 + tile, left - l0:left - l0 + tile]
+        out[top:top + tile, left:left + tile] = np.rint(np.clip(y, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+Image.fromarray(out).save(target)
+"""
+
+
+def end_to_end_seconds(size: int, repeats: int) -> dict | None:
+    """Seconds of `python super_resolve.py` on a size x size LR image, and of the same job done by a
+    minimal script (Pillow, ONNX Runtime in tiles, Pillow's PNG writer), as whole processes,
+    alternated `repeats` times; with their outputs' sizes and largest difference. None without
+    ONNX Runtime."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        Image.effect_noise((size, size), 64).convert("RGB").filter(ImageFilter.SMOOTH).save(folder / "lr.png")
+        model = load_model(CHECKPOINT, torch.device("cpu"))[0]
+        export_onnx(model, folder / "srcnn.onnx")
+        commands = {
+            "super_resolve.py": [str(Path(__file__).with_name("super_resolve.py")), "--checkpoint", str(CHECKPOINT),
+                                 str(folder / "lr.png"), "--output", str(folder / "ours.png")],
+            "minimal script": ["-c", MINIMAL_SCRIPT, str(folder / "srcnn.onnx"), str(folder / "lr.png"),
+                               str(folder / "minimal.png")],
+        }
+        seconds = {name: [] for name in commands}
+        for _ in range(repeats):
+            for name, command in commands.items():
+                start = time.perf_counter()
+                subprocess.run([sys.executable, *command], check=True, capture_output=True)
+                seconds[name].append(time.perf_counter() - start)
+        ours, minimal = (np.asarray(Image.open(folder / name), np.int16) for name in ("ours.png", "minimal.png"))
+        return {"seconds": {name: statistics.median(times) for name, times in seconds.items()},
+                "bytes": {name: (folder / f"{name}.png").stat().st_size for name in ("ours", "minimal")},
+                "largest_difference": int(np.abs(ours - minimal).max())}
 
 
 def super_resolve_peak_rss(size: int) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of `python super_resolve.py` on a size x size LR image."""
     with tempfile.TemporaryDirectory() as tmp:
-        weights, lr = Path(tmp) / "w.pth", Path(tmp) / "lr.png"
-        torch.save(SRCNN().state_dict(), weights)
+        lr = Path(tmp) / "lr.png"
         Image.effect_noise((size, size), 64).convert("RGB").save(lr)
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("super_resolve.py")), "--checkpoint", str(weights), str(lr)],
-            check=True, capture_output=True,
+            [sys.executable, str(Path(__file__).with_name("super_resolve.py")), "--checkpoint", str(CHECKPOINT),
+             str(lr)], check=True, capture_output=True,
         )
         seconds = time.perf_counter() - start
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
@@ -213,9 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     megapixels = inference_megapixels(SRCNN().to(device, memory_format=torch.channels_last).eval(),
                                       1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
-    rss, rss_seconds = super_resolve_peak_rss(rss_size)  # first: the ONNX export may start children of its own
-    cpu_model = SRCNN().to(memory_format=torch.channels_last).eval()  # ONNX Runtime runs on the CPU: so does ours
-    network, onnx_runtime = network_megapixels(cpu_model, 1 if args.quick else 3)
+    rss, rss_seconds = super_resolve_peak_rss(rss_size)
+    cpu_model = load_model(CHECKPOINT, torch.device("cpu"))[0]  # ONNX Runtime runs on the CPU: so does ours here
+    network = network_megapixels(cpu_model, 1 if args.quick else 3)
+    end_to_end = end_to_end_seconds(300 if args.quick else 1000, 1 if args.quick else 3)
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
@@ -231,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_gflops": round(peak, 1),
         "fraction_of_matmul_peak": round(achieved / peak, 3),
         "inference_megapixels_per_s": round(megapixels, 2),
-        "network_megapixels_per_s_ours": round(network, 2),
-        "network_megapixels_per_s_onnxruntime": None if onnx_runtime is None else round(onnx_runtime, 2),
+        "network_megapixels_per_s": {name: round(rate, 2) for name, rate in network.items()},
+        "network_fraction_of_matmul": {name: round(rate * 1e6 * NETWORK_FLOPS_PER_PIXEL / 1e9 / peak, 3)
+                                       for name, rate in network.items()},
+        "end_to_end": end_to_end,
         "super_resolve_lr_size": rss_size,
         "super_resolve_peak_rss_mib": round(rss, 1),
         "super_resolve_seconds": round(rss_seconds, 1),
@@ -249,9 +312,16 @@ def print_results(results: dict, as_json: bool) -> None:
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
           f"({r['fraction_of_matmul_peak']:.0%})")
     print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")
-    onnx_runtime = r["network_megapixels_per_s_onnxruntime"]
-    print(f"network on 1536x1536, CPU        ours {r['network_megapixels_per_s_ours']:.2f} megapixels/s  "
-          + ("ONNX Runtime not installed" if onnx_runtime is None else f"ONNX Runtime {onnx_runtime:.2f}"))
+    print("network on 1536x1536, CPU        " + "  ".join(
+        f"{name} {rate:.2f} MP/s ({r['network_fraction_of_matmul'][name]:.0%} of matmul)"
+        for name, rate in r["network_megapixels_per_s"].items()) + ("" if "onnxruntime" in r["network_megapixels_per_s"]
+                                                                   else "  (ONNX Runtime not installed)"))
+    if r["end_to_end"]:
+        e = r["end_to_end"]
+        ours, minimal = e["seconds"]["super_resolve.py"], e["seconds"]["minimal script"]
+        print(f"end to end, whole processes      super_resolve.py {ours:.1f} s, minimal Pillow + ONNX Runtime script "
+              f"{minimal:.1f} s (ratio {ours / minimal:.2f}); PNG {e['bytes']['ours']:,} vs {e['bytes']['minimal']:,}"
+              f" bytes; outputs differ by at most {e['largest_difference']} level(s)")
     size = r["super_resolve_lr_size"]
     print(f"super_resolve.py {size}x{size} LR     peak RSS {r['super_resolve_peak_rss_mib']:.0f} MiB, "
           f"{r['super_resolve_seconds']:.1f} s")

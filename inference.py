@@ -1,9 +1,10 @@
 """The one inference path (bicubic input, network, exact tiling, self-ensemble) and the one
 evaluation; super_resolve.py, train.py and report.py all use these."""
 
-import copy
+import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -16,7 +17,6 @@ DEFAULT_TILE = 512
 
 
 # ---------------------------------------------------------------- the model from a checkpoint
-
 
 def load_model(path: str | Path, device: torch.device, scale: int | None = None) -> tuple[SRCNN, int, dict]:
     """(model in eval mode, scale, checkpoint) from one of our checkpoints or a bare state_dict
@@ -62,7 +62,7 @@ def tile_windows(height: int, width: int, tile: int):
             yield (top, bottom, left, right), (t0, b0, l0, r0)
 
 
-def forward_ensemble(model: SRCNN, x: torch.Tensor) -> torch.Tensor:
+def forward_ensemble(model: "Network", x: torch.Tensor) -> torch.Tensor:
     """Mean of the network over the 8 flips/rotations of `x`, each undone."""
     total = torch.zeros_like(x)
     for k in range(4):
@@ -74,19 +74,28 @@ def forward_ensemble(model: SRCNN, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def enhance(model: SRCNN, image: torch.Tensor, self_ensemble: bool = False, tile: int = DEFAULT_TILE) -> torch.Tensor:
+def enhance(network: "Network", image: torch.Tensor, self_ensemble: bool = False,
+            tile: int = DEFAULT_TILE) -> torch.Tensor:
     """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W.
 
     Works tile by tile, so memory stays bounded for any image size on CPU and GPU alike, with
     enough overlap that the result equals whole-image inference.
     """
-    device = next(model.parameters()).device
+    in_torch = isinstance(network, SRCNN)
+    device = next(network.parameters()).device if in_torch else network.device
     _, height, width = image.shape
+    if not in_torch and not self_ensemble:  # every pass over the pixels inside ONNX Runtime
+        pixels, out = image.permute(1, 2, 0).numpy(), np.empty((height, width, 3), np.uint8)
+        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
+            out[top:bottom, left:right] = network.images(pixels[t0:b0, l0:r0])[top - t0 : bottom - t0,
+                                                                              left - l0 : right - l0]
+        return torch.from_numpy(out).permute(2, 0, 1)
     out = torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as images are
     for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
         x = image[:, t0:b0, l0:r0].to(device).float().div_(255).unsqueeze(0)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = forward_ensemble(model, x) if self_ensemble else model(x)
+        if in_torch:  # PyTorch's CPU convolutions are fastest on channels_last; ONNX Runtime takes NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = forward_ensemble(network, x) if self_ensemble else network(x)
         out[:, top:bottom, left:right] = quantize(y[0, :, top - t0 : bottom - t0, left - l0 : right - l0]).cpu()
     return out
 
@@ -96,9 +105,10 @@ def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool =
              keep_outputs: bool = False) -> dict:
     """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic.
     'images' holds each image's name and scores, and with `keep_outputs` its output (uint8)."""
+    network = None if model is None else engine_for(model)
     images = []
     for name, lr_up, hr in pairs:
-        sr = lr_up if model is None else enhance(model, lr_up, self_ensemble)
+        sr = lr_up if network is None else enhance(network, lr_up, self_ensemble)
         images.append({"name": name, "psnr": psnr(sr, hr, shave=scale), "ssim": ssim(sr, hr, shave=scale)}
                       | ({"output": sr} if keep_outputs else {}))
     return {"psnr": sum(i["psnr"] for i in images) / len(images), "ssim": sum(i["ssim"] for i in images) / len(images),
@@ -106,11 +116,11 @@ def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool =
 
 
 def super_resolve_image(
-    model: SRCNN, image: Image.Image, scale: int, self_ensemble: bool = False, degradation: str = "pil"
+    network: "Network", image: Image.Image, scale: int, self_ensemble: bool = False, degradation: str = "pil"
 ) -> Image.Image:
     """Upscale a low-resolution image of any mode by `scale`: bicubic (Pillow's or MATLAB's), then SRCNN."""
     rgb, alpha, gray = split_modes(image)
-    out = tensor_to_image(enhance(model, image_to_tensor(upscale(rgb, scale, degradation)), self_ensemble))
+    out = tensor_to_image(enhance(network, image_to_tensor(upscale(rgb, scale, degradation)), self_ensemble))
     if gray:
         out = out.convert("L")
     if alpha is not None:
@@ -118,19 +128,124 @@ def super_resolve_image(
     return out
 
 
+# ---------------------------------------------------------------- ONNX: the export, and ONNX Runtime as an engine
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def onnx_model(model: SRCNN, images: bool = False):
+    """The network as an ONNX model (onnx.ModelProto): Conv, Relu, Conv, Relu, Conv with the weights
+    as initializers. Input "input", the bicubic-upscaled RGB image in [0, 1] (N x 3 x H x W float32,
+    any N, H, W); output "output", the SRCNN image of the same size. With `images`, 8-bit images in
+    and out instead (N x H x W x 3 uint8, as images lie in memory), converted inside the graph exactly
+    as enhance converts them (/ 255; clamp to [0, 1], * 255, round), so no pass over pixels is left
+    outside ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def constant(value: float, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, np.float32), name)
+
+    nodes, weights, source = [], [], "input"
+    if images:
+        weights += [constant(255, "255"), constant(0, "0"), constant(1, "1")]
+        nodes += [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Cast", ["nchw"], ["levels"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", ["levels", "255"], ["input"])]
+    for i, conv in enumerate((model.conv1, model.conv2, model.conv3), start=1):
+        names = [f"conv{i}.weight", f"conv{i}.bias"]
+        weights += [numpy_helper.from_array(p.detach().float().cpu().contiguous().numpy(), name)
+                    for p, name in zip((conv.weight, conv.bias), names, strict=True)]
+        target = "output" if i == 3 else f"conv{i}"
+        nodes.append(helper.make_node("Conv", [source, *names], [target], kernel_shape=list(conv.kernel_size),
+                                      pads=[conv.padding[0]] * 4))
+        if i < 3:
+            source = f"relu{i}"
+            nodes.append(helper.make_node("Relu", [target], [source]))
+    shape = ["batch", 3, "height", "width"]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)]
+    if images:
+        nodes += [helper.make_node("Clip", ["output", "0", "1"], ["clipped"]),
+                  helper.make_node("Mul", ["clipped", "255"], ["scaled"]),
+                  helper.make_node("Round", ["scaled"], ["rounded"]),
+                  helper.make_node("Cast", ["rounded"], ["quantized"], to=TensorProto.UINT8),
+                  helper.make_node("Transpose", ["quantized"], ["sr"], perm=[0, 2, 3, 1])]
+        image_shape = ["batch", "height", "width", 3]
+        inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, image_shape)]
+        outputs = [helper.make_tensor_value_info("sr", TensorProto.UINT8, image_shape)]
+    graph = helper.make_graph(nodes, "srcnn", inputs, outputs, weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="srcnn")
+    proto.ir_version = 8  # what opset 17 needs; older ONNX Runtimes refuse newer IR versions
+    onnx.checker.check_model(proto)
+    return proto
+
+
 def export_onnx(model: SRCNN, path: Path) -> None:
-    """The network as an ONNX model for deployment without this project: input the bicubic-upscaled
-    RGB image in [0, 1] (N x 3 x H x W float32, any N, H, W), output the SRCNN image of the same size."""
+    """Write onnx_model(model) for deployment without this project."""
     try:
-        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+        import onnx
     except ImportError:
-        raise UserError("--export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)  # the caller's model stays as it is
-    sizes = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1),
-             3: torch.export.Dim("width", min=1)}
+        raise UserError("--export needs the onnx package: pip install onnx") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(model, (torch.rand(1, 3, 64, 64),), path, input_names=["input"], output_names=["output"],
-                          dynamic_shapes={"x": sizes}, dynamo=True, verbose=False)
+        onnx.save(onnx_model(model), path)
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+class OnnxRuntimeNetwork:
+    """The same network run by ONNX Runtime, whose CPU convolutions are about twice PyTorch's
+    (README Speed): called like the model on 1 x 3 x H x W float tensors, or on 8-bit H x W x 3
+    tiles through `images` (onnx_model's images=True graph), on the CPU. Each graph is made when
+    first needed."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, model: SRCNN) -> None:
+        self.model = model
+
+    def session(self, images: bool):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads PyTorch would use
+        options.enable_cpu_mem_arena = False  # the arena would keep a tile's activations (~70 MB) once freed
+        return onnxruntime.InferenceSession(onnx_model(self.model, images).SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+
+    @functools.cached_property
+    def float_session(self):
+        return self.session(images=False)
+
+    @functools.cached_property
+    def image_session(self):
+        return self.session(images=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.float_session.run(None, {"input": x.contiguous().numpy()})[0])
+
+    def images(self, tile: np.ndarray) -> np.ndarray:
+        """SRCNN on one uint8 H x W x 3 tile, as uint8 H x W x 3."""
+        return self.image_session.run(None, {"image": np.ascontiguousarray(tile)[None]})[0][0]
+
+
+Network = SRCNN | OnnxRuntimeNetwork
+
+
+def engine_for(model: SRCNN, engine: str = "auto") -> Network:
+    """What runs the network: ONNX Runtime for a model on the CPU when onnx and onnxruntime are
+    installed ("auto"), else the model itself; "torch" or "onnxruntime" to choose."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if engine == "torch" or (engine == "auto" and not on_cpu):
+        return model
+    if not on_cpu:
+        raise UserError("ONNX Runtime runs the network on the CPU here; leave out --cuda or choose --engine torch")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if engine == "auto":
+            return model
+        raise UserError("--engine onnxruntime needs: pip install onnx onnxruntime") from None
+    return OnnxRuntimeNetwork(model)

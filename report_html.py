@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data import downscale
-from utils import UserError, image_to_tensor, rgb_to_y, tensor_to_image
+from utils import UserError, image_to_tensor, rgb_to_y, save_image, tensor_to_image
 
 CROP = 48  # side of the zoomed window in HR pixels (at most a third of the image's shorter side)
 CROP_DISPLAY = 192  # about how wide each zoomed crop is drawn, in pixels
@@ -116,7 +116,7 @@ def save_png(image: torch.Tensor, folder: Path, name: str, zoom: int = 1) -> str
     picture = tensor_to_image(image)
     if zoom > 1:
         picture = picture.resize((picture.width * zoom, picture.height * zoom), resample=0)  # 0: nearest
-    picture.save(folder / name)
+    save_image(picture, folder / name)
     return quote(f"{folder.parent.name}/{folder.name}/{name}")
 
 

@@ -1,11 +1,13 @@
-"""The ONNX export: a model that onnxruntime runs at any size, giving what the network gives."""
+"""ONNX: the export, a model that onnxruntime runs at any size giving what the network gives; and
+ONNX Runtime as the engine of the inference path on the CPU."""
 
 import numpy as np
 import onnxruntime
 import torch
+from PIL import Image
 
 from conftest import ROOT, assert_clean_error
-from inference import load_model
+from inference import OnnxRuntimeNetwork, engine_for, load_model
 
 
 def test_exported_model_runs_in_onnxruntime_at_any_size_like_the_network(cli, tmp_path):
@@ -33,3 +35,20 @@ def test_export_to_an_unwritable_place_is_one_line(cli, tmp_path):
     blocker.write_text("a file where a folder should be")
     result = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), "--export", str(blocker / "m.onnx"))
     assert_clean_error(result, "cannot write")
+
+
+def test_onnx_runtime_runs_the_network_on_the_cpu_by_default_within_one_level(cli, tmp_path):
+    model = load_model(ROOT / "checkpoint.pth", torch.device("cpu"))[0]
+    assert isinstance(engine_for(model), OnnxRuntimeNetwork) and engine_for(model, "torch") is model
+    lr = tmp_path / "lr.png"
+    Image.effect_noise((90, 70), 60).convert("RGB").resize((45, 35)).save(lr)
+    outputs = {}
+    for engine in ("auto", "torch", "onnxruntime"):
+        out = tmp_path / f"{engine}.png"
+        result = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), str(lr), "--engine", engine,
+                     "--output", str(out))
+        assert result.returncode == 0, result.stderr
+        outputs[engine] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.array_equal(outputs["auto"], outputs["onnxruntime"])
+    difference = np.abs(outputs["auto"] - outputs["torch"])
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.001
