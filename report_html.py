@@ -224,11 +224,12 @@ def page(folder: Path, summary: dict, degradation: str, pairs: dict, scores: dic
                                           images, scale, degradation))
     nav = " · ".join(f'<a href="#{slug(s)}">{html.escape(s)}</a>' for s in scores)
     title = f"SRCNN x{scale}: {html.escape(summary['path'])}"
+    epoch = "" if summary["epoch"] is None else f"Epoch {summary['epoch']}, "
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title><style>{STYLE}</style></head><body>
 <h1>{title}</h1>
-<p>Epoch {summary['epoch']}, {summary['parameters']:,} parameters. Y-PSNR (dB) and SSIM with a {scale}-pixel border
+<p>{epoch}{summary['parameters']:,} parameters. Y-PSNR (dB) and SSIM with a {scale}-pixel border
 shaved; inputs made with {PROTOCOLS[degradation]}. Click a column's name to sort by it; drag across a picture, or move
 its slider, to move the split.</p>
 <nav>{nav} · <a href="#recipe">recipe</a></nav>
