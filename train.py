@@ -198,7 +198,7 @@ def end_epoch(state: TrainingState, record: dict, eval_pairs: list, out_dir: Pat
     args = state.args
     state.eval_model.eval()
     scores = evaluate(state.eval_model, eval_pairs, args["scale"])
-    record = {"epoch": state.epoch, "loss": record["loss"], **scores, **record}  # psnr, ssim after the loss
+    record = {"epoch": state.epoch, "loss": record["loss"], "psnr": scores["psnr"], "ssim": scores["ssim"], **record}
     state.history.append(record)
     print(f"epoch {state.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  SSIM "
           f"{record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)", flush=True)

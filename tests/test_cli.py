@@ -30,6 +30,7 @@ def test_train_writes_every_checkpoint_loadable_with_weights_only(trained):
         state = torch.load(path, weights_only=True)
         assert {"model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version"} <= set(state)
         assert state["epoch"] == 1 and state["scale"] == 3 and isinstance(state["args"], dict)
+        assert set(state["history"][0]) == {"epoch", "loss", "psnr", "ssim", "seconds", "patches_per_s", "lr"}
 
 
 def test_inspect_text_json_and_plot(trained, tmp_path):
