@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import info
 from data import DEGRADATIONS, IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
-from inference import ENGINES, Network, engine_for, export_onnx, load_model, super_resolve_image
+from inference import ENGINES, Network, engine_for, export_onnx, load_model, shipped_checkpoint, super_resolve_image
 from utils import HelpFormatter, UserError, choose_device, image_to_tensor, psnr, run_cli, save_image, ssim
 
 
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a bare SRCNN state_dict (required)")
+    parser.add_argument("--checkpoint", help="one of our checkpoints, or a bare SRCNN state_dict (default: the "
+                        "model shipped for --scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
     parser.add_argument("--output", help="output file, or folder for several inputs "
                         "(default: <stem>_srcnn_x<scale>.png beside each input)")
     parser.add_argument("--gt", metavar="HR",
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations (slower)")
     parser.add_argument("--degradation", choices=DEGRADATIONS, default="pil",
                         help="the bicubic upscale before the network: Pillow's, or MATLAB's imresize")
-    parser.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
+    parser.add_argument("--scale", type=int, help="upscaling factor: without --checkpoint it picks the shipped "
+                        "model, with one it must agree (default: the checkpoint's, or 3)")
     parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="what runs the network: auto is ONNX "
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the network as ONNX (dynamic height and width) instead (default: none)")
     parser.add_argument("--version", action="version", version=info.version_string())
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint
+    checkpoint = args.checkpoint or shipped_checkpoint(args.scale)
     if args.export:
         export_onnx(load_model(checkpoint, choose_device(False), args.scale)[0], Path(args.export))
         print(f"ONNX model written to {args.export}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import info
 from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
-from inference import evaluate, load_model
+from inference import evaluate, load_model, shipped_checkpoint
 from processes import Processes, StopRequest, launch_command
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoint
 from training_state import TrainingState, amp_settings, check_resumable, update_ema
@@ -301,14 +301,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     insp.add_argument("--json", action="store_true", help="print JSON instead of text")
     insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image (default: no picture)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
-    ev.add_argument("checkpoint", help="the checkpoint to evaluate")
+    ev.add_argument("checkpoint", nargs="?", help="the checkpoint to evaluate (default: the model shipped for "
+                    "--scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
     ev.add_argument("--sets", nargs="+", help="data set folders under the data root (default: those of "
                     f"{', '.join(EVALUATION_SETS)} found there)")
     ev.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="bicubic: Pillow's or MATLAB's")
     ev.add_argument("--data-root", default=default_data_root(), help="folder with one folder per set")
     ev.add_argument("--cuda", action="store_true", help="run on the GPU")
     ev.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
-    ev.add_argument("--scale", type=int, help="check the checkpoint upscales by this factor (default: no check)")
+    ev.add_argument("--scale", type=int, help="upscaling factor: without CHECKPOINT it picks the shipped model, "
+                    "with one it must agree (default: the checkpoint's, or 3)")
     ev.add_argument("--report", metavar="DIR", help="also write an HTML page comparing the pictures, DIR/index.html "
                     "(default: none)")
     return parser, train_parser
@@ -323,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         return inspect_checkpoint(args.checkpoint, args.json, args.plot)
     if args.command == "evaluate":
-        return evaluate_checkpoint(args.checkpoint, args.sets, args.data_root, args.cuda, args.self_ensemble,
-                                   args.scale, args.degradation, args.report)
+        path = args.checkpoint or str(shipped_checkpoint(args.scale))
+        return evaluate_checkpoint(path, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale,
+                                   args.degradation, args.report)
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         check_training_args(options)
