@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, assert_clean_error
-from inference import OnnxRuntimeNetwork, engine_for, load_model
+from inference import OnnxRuntimeNetwork, engine_for, load_model, onnx_model, polyphase_conv
 
 
 def test_exported_model_runs_in_onnxruntime_at_any_size_like_the_network(cli, tmp_path):
@@ -52,3 +52,25 @@ def test_onnx_runtime_runs_the_network_on_the_cpu_by_default_within_one_level(cl
     assert np.array_equal(outputs["auto"], outputs["onnxruntime"])
     difference = np.abs(outputs["auto"] - outputs["torch"])
     assert difference.max() <= 1 and (difference > 0).mean() < 0.001
+
+
+def test_the_last_layer_by_phase_gives_the_same_sums_at_every_size():
+    model = load_model(ROOT / "checkpoint.pth", torch.device("cpu"))[0]
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = polyphase_conv(model.conv3)
+    sessions = {(images, polyphase): onnxruntime.InferenceSession(
+        onnx_model(model, images, polyphase).SerializeToString(), providers=["CPUExecutionProvider"])
+        for images in (False, True) for polyphase in (False, True)}
+    for batch, height, width in ((1, 1, 1), (1, 2, 3), (2, 21, 17), (1, 40, 56)):
+        features = torch.rand(batch, 32, height, width, generator=generator)
+        with torch.no_grad():
+            blocks = torch.nn.functional.conv2d(torch.nn.functional.pad(features, (2, 3, 2, 3)), weight, bias, stride=2)
+            by_phase = torch.nn.functional.pixel_shuffle(blocks, 2)[:, :, :height, :width]
+            assert (by_phase - model.conv3(features)).abs().max() < 1e-5
+        x = torch.rand(batch, 3, height, width, generator=generator)
+        plain, fast = (sessions[False, polyphase].run(None, {"input": x.numpy()})[0] for polyphase in (False, True))
+        assert fast.shape == plain.shape == x.shape and np.abs(fast - plain).max() < 1e-5
+        image = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        plain, fast = (sessions[True, polyphase].run(None, {"image": image})[0] for polyphase in (False, True))
+        assert fast.shape == plain.shape == image.shape and np.abs(fast.astype(int) - plain).max() <= 1
+        assert (fast != plain).mean() < 0.001
