@@ -156,64 +156,48 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    def constant(value, name: str, dtype=np.float32) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.array(value, dtype), name)
+    nodes, weights, current = [], [], "image" if images else "input"
 
-    nodes, weights, source = [], [], "input"
+    def then(op: str, *arguments: np.ndarray, names: tuple[str, ...] = (), **attributes) -> None:
+        """Append `op` applied to the current tensor (and constant `arguments`); its result becomes current."""
+        nonlocal current
+        names = names or tuple(f"{op}{len(nodes)}.{i}" for i in range(len(arguments)))
+        weights.extend(numpy_helper.from_array(a, name) for a, name in zip(arguments, names, strict=True))
+        nodes.append(helper.make_node(op, [current, *names], [f"{op}{len(nodes)}"], **attributes))
+        current = nodes[-1].output[0]
+
     if images:
-        weights += [constant(255, "255"), constant(0, "0"), constant(1, "1")]
-        nodes += [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
-                  helper.make_node("Cast", ["nchw"], ["levels"], to=TensorProto.FLOAT),
-                  helper.make_node("Div", ["levels", "255"], ["input"])]
+        then("Transpose", perm=[0, 3, 1, 2])
+        then("Cast", to=TensorProto.FLOAT)
+        then("Div", np.float32(255))
     for i, conv in enumerate((model.conv1, model.conv2, model.conv3), start=1):
-        names = [f"conv{i}.weight", f"conv{i}.bias"]
-        last_by_phase = i == 3 and polyphase
-        params = polyphase_conv(conv) if last_by_phase else (conv.weight, conv.bias)
-        weights += [numpy_helper.from_array(p.detach().float().cpu().contiguous().numpy(), name)
-                    for p, name in zip(params, names, strict=True)]
-        target = "phases" if last_by_phase else "output" if i == 3 else f"conv{i}"
-        pad = conv.padding[0]
-        nodes.append(helper.make_node("Conv", [source, *names], [target], kernel_shape=list(params[0].shape[2:]),
-                                      strides=[2, 2] if last_by_phase else [1, 1],
-                                      pads=[pad, pad, pad + 1, pad + 1] if last_by_phase else [pad] * 4))
+        by_phase, pad = i == 3 and polyphase, conv.padding[0]
+        weight, bias = (p.detach().float().cpu().contiguous().numpy()
+                        for p in (polyphase_conv(conv) if by_phase else (conv.weight, conv.bias)))
+        then("Conv", weight, bias, names=(f"conv{i}.weight", f"conv{i}.bias"), kernel_shape=list(weight.shape[2:]),
+             strides=[2, 2] if by_phase else [1, 1], pads=[pad, pad, pad + 1, pad + 1] if by_phase else [pad] * 4)
         if i < 3:
-            source = f"relu{i}"
-            nodes.append(helper.make_node("Relu", [target], [source]))
-    if polyphase:  # output pixel (2y + a, 2x + b) of colour c is channel 4c + 2a + b at (y, x)
-        weights.append(constant([0, 0], "origin", np.int64))
+            then("Relu")
+    if images:
+        then("Clip", np.float32(0), np.float32(1))
+        then("Mul", np.float32(255))
+        then("Round")
+        then("Cast", to=TensorProto.UINT8)
+    if polyphase:  # channel 4c + 2a + b at (y, x) is pixel (2y + a, 2x + b) of colour c; cut to the input's size
+        then("DepthToSpace", blocksize=2, mode="CRD")
         nodes.append(helper.make_node("Shape", ["image" if images else "input"], ["size"],
                                       start=1 if images else 2, end=3 if images else 4))
-        if not images:
-            weights.append(constant([2, 3], "hw", np.int64))
-            nodes += [helper.make_node("DepthToSpace", ["phases"], ["padded"], blocksize=2, mode="CRD"),
-                      helper.make_node("Slice", ["padded", "origin", "size", "hw"], ["output"])]
-    shape = ["batch", 3, "height", "width"]
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
-    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)]
+        weights += [numpy_helper.from_array(np.zeros(2, np.int64), "origin"),
+                    numpy_helper.from_array(np.array([2, 3]), "height_width")]
+        nodes.append(helper.make_node("Slice", [current, "origin", "size", "height_width"], ["cropped"]))
+        current = "cropped"
     if images:
-        last = "phases" if polyphase else "output"
-        nodes += [helper.make_node("Clip", [last, "0", "1"], ["clipped"]),
-                  helper.make_node("Mul", ["clipped", "255"], ["scaled"]),
-                  helper.make_node("Round", ["scaled"], ["rounded"]),
-                  helper.make_node("Cast", ["rounded"], ["quantized"], to=TensorProto.UINT8)]
-        if polyphase:  # N x 12 x h x w -> N x (3 x 2 x 2) x h x w -> N x h x 2 x w x 2 x 3 -> N x 2h x 2w x 3, cropped
-            weights += [constant([3, 2, 2], "colour_phases", np.int64), constant([2, 2], "two", np.int64),
-                        constant([3], "three", np.int64), constant([1, 2], "hw", np.int64)]
-            nodes += [helper.make_node("Shape", ["phases"], ["batch_size"], end=1),
-                      helper.make_node("Shape", ["phases"], ["blocks"], start=2),
-                      helper.make_node("Concat", ["batch_size", "colour_phases", "blocks"], ["split"], axis=0),
-                      helper.make_node("Reshape", ["quantized", "split"], ["by_phase"]),
-                      helper.make_node("Transpose", ["by_phase"], ["interleaved"], perm=[0, 4, 2, 5, 3, 1]),
-                      helper.make_node("Mul", ["blocks", "two"], ["padded_size"]),
-                      helper.make_node("Concat", ["batch_size", "padded_size", "three"], ["merged"], axis=0),
-                      helper.make_node("Reshape", ["interleaved", "merged"], ["padded"]),
-                      helper.make_node("Slice", ["padded", "origin", "size", "hw"], ["sr"])]
-        else:
-            nodes.append(helper.make_node("Transpose", ["quantized"], ["sr"], perm=[0, 2, 3, 1]))
-        image_shape = ["batch", "height", "width", 3]
-        inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, image_shape)]
-        outputs = [helper.make_tensor_value_info("sr", TensorProto.UINT8, image_shape)]
-    graph = helper.make_graph(nodes, "srcnn", inputs, outputs, weights)
+        then("Transpose", perm=[0, 2, 3, 1])
+    nodes[-1].output[0] = "sr" if images else "output"
+    shape = ["batch", "height", "width", 3] if images else ["batch", 3, "height", "width"]
+    kind = TensorProto.UINT8 if images else TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "srcnn", [helper.make_tensor_value_info(nodes[0].input[0], kind, shape)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], kind, shape)], weights)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="srcnn")
     proto.ir_version = 8  # what opset 17 needs; older ONNX Runtimes refuse newer IR versions
     onnx.checker.check_model(proto)
