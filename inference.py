@@ -272,8 +272,9 @@ Network = SRCNN | OnnxRuntimeNetwork
 
 
 def engine_for(model: SRCNN, engine: str = "auto") -> Network:
-    """What runs the network: ONNX Runtime for a model on the CPU when onnx and onnxruntime are
-    installed ("auto"), else the model itself; "torch" or "onnxruntime" to choose."""
+    """What runs the network: ONNX Runtime for a model on the CPU when onnx and onnxruntime (1.21 or
+    later, the first with 8-bit DepthToSpace) are installed ("auto"), else the model itself; "torch"
+    or "onnxruntime" to choose."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     if engine == "torch" or (engine == "auto" and not on_cpu):
         return model
@@ -281,9 +282,12 @@ def engine_for(model: SRCNN, engine: str = "auto") -> Network:
         raise UserError("ONNX Runtime runs the network on the CPU here; leave out --cuda or choose --engine torch")
     try:
         import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        if engine == "auto":
-            return model
-        raise UserError("--engine onnxruntime needs: pip install onnx onnxruntime") from None
-    return OnnxRuntimeNetwork(model)
+        import onnxruntime
+        usable = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2]) >= (1, 21)
+    except (ImportError, ValueError):
+        usable = False
+    if usable:
+        return OnnxRuntimeNetwork(model)
+    if engine == "auto":
+        return model
+    raise UserError("--engine onnxruntime needs: pip install onnx 'onnxruntime>=1.21'")

@@ -3,11 +3,13 @@ ONNX Runtime as the engine of the inference path on the CPU."""
 
 import numpy as np
 import onnxruntime
+import pytest
 import torch
 from PIL import Image
 
 from conftest import ROOT, assert_clean_error
 from inference import OnnxRuntimeNetwork, engine_for, load_model, onnx_model, polyphase_conv
+from utils import UserError
 
 
 def test_exported_model_runs_in_onnxruntime_at_any_size_like_the_network(cli, tmp_path):
@@ -74,3 +76,13 @@ def test_the_last_layer_by_phase_gives_the_same_sums_at_every_size():
         plain, fast = (sessions[True, polyphase].run(None, {"image": image})[0] for polyphase in (False, True))
         assert fast.shape == plain.shape == image.shape and np.abs(fast.astype(int) - plain).max() <= 1
         assert (fast != plain).mean() < 0.001
+
+
+def test_an_onnx_runtime_too_old_for_the_graph_is_left_to_pytorch(monkeypatch):
+    model = load_model(ROOT / "checkpoint.pth", torch.device("cpu"))[0]
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
+    assert engine_for(model) is model
+    with pytest.raises(UserError, match="onnxruntime>=1.21"):
+        engine_for(model, "onnxruntime")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.0")
+    assert isinstance(engine_for(model), OnnxRuntimeNetwork)
