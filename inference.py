@@ -233,8 +233,8 @@ def export_onnx(model: SRCNN, path: Path) -> None:
 
 
 class OnnxRuntimeNetwork:
-    """The same network run by ONNX Runtime, with its last layer by phase: 2.5x PyTorch's speed
-    (README Speed): called like the model on 1 x 3 x H x W float tensors, or on 8-bit H x W x 3
+    """The same network run by ONNX Runtime, with its last layer by phase: 2.5-3x PyTorch's
+    speed (README Speed): called like the model on 1 x 3 x H x W float tensors, or on 8-bit H x W x 3
     tiles through `images` (onnx_model's images=True graph), on the CPU. Each graph is made when
     first needed."""
 
