@@ -1,0 +1,53 @@
+"""torch.hub on a clone (source="local"): the shipped models as modules, and the upscaler, which
+gives super_resolve.py's output bit for bit."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, generated_image
+from inference import SHIPPED
+from utils import load_checkpoint
+
+
+def hub(entry: str, **kwargs):
+    return torch.hub.load(str(ROOT), entry, source="local", **kwargs)
+
+
+def test_the_entries_are_what_torch_hub_lists_with_their_help():
+    """torch.hub.list and torch.hub.help read GitHub repositories only (torch 2.14 has no source="local"
+    for them); what they list is every public callable of hubconf.py, and help is its docstring."""
+    spec = importlib.util.spec_from_file_location("hubconf", ROOT / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert [f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith("_")] == ["srcnn", "upscaler"]
+    assert "weights_only" in hubconf.srcnn.__doc__ and "super_resolve.py" in hubconf.upscaler.__doc__
+
+
+@pytest.mark.parametrize("scale", sorted(SHIPPED))
+def test_the_model_holds_the_shipped_weights(scale):
+    model = hub("srcnn", scale=scale)
+    assert not model.training and sum(p.numel() for p in model.parameters()) == 20_099
+    shipped = load_checkpoint(SHIPPED[scale])["model"]
+    assert all(torch.equal(value, shipped[key]) for key, value in model.state_dict().items())
+
+
+def test_untrained_model_and_unknown_scale():
+    fresh = hub("srcnn", pretrained=False)
+    assert not torch.equal(fresh.conv1.weight, hub("srcnn").conv1.weight)
+    with pytest.raises(ValueError, match="no SRCNN model is shipped for x5; choose scale 2, 3 or 4"):
+        hub("srcnn", scale=5)
+
+
+@pytest.mark.parametrize("scale", sorted(SHIPPED))
+def test_the_upscaler_gives_super_resolves_output(cli, tmp_path, scale):
+    lr = generated_image(40, seed=scale).crop((0, 0, 40, 31))
+    lr.save(tmp_path / "lr.png")
+    assert cli("super_resolve", "--scale", str(scale), str(tmp_path / "lr.png"),
+               "--output", str(tmp_path / "sr.png")).returncode == 0
+    ours = hub("upscaler", scale=scale)(lr)
+    assert ours.size == (40 * scale, 31 * scale)
+    assert np.array_equal(np.asarray(ours), np.asarray(Image.open(tmp_path / "sr.png")))
