@@ -23,12 +23,13 @@ PROTOCOLS = {"pil": "Pillow's bicubic", "matlab": "MATLAB's bicubic imresize"}
 LABELS = {"lr": "LR input", "bicubic": "bicubic", "srcnn": "SRCNN", "x8": "SRCNN x8", "hr": "ground truth"}
 
 STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; padding: 0 12px 48px; max-width: 1100px; color: #222; }
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; padding: 0 12px 48px; max-width: 1240px; color: #222; }
 h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: .3em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 3px 10px; text-align: right; border-bottom: 1px solid #eee; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
+thead th { white-space: normal; vertical-align: bottom; }  /* "SRCNN x8 gain (dB)" may wrap; numbers never do */
 thead button { font: inherit; font-weight: bold; border: 0; background: none; cursor: pointer; padding: 0; }
 th[aria-sort=ascending] button::after { content: " \\25B2"; }
 th[aria-sort=descending] button::after { content: " \\25BC"; }

@@ -110,8 +110,14 @@ def test_report_in_a_browser(report, browser, mini_root):
     assert over.evaluate("e => e.src").endswith("/srcnn.png") and compare.locator(".under").evaluate(
         "e => e.src").endswith("/hr.png")
 
-    # the recipe: the recorded command; and on a phone, nothing wider than the screen
+    # the recipe: the recorded command; in a 1280x800 window every column in view, without scrolling;
+    # and on a phone, nothing wider than the screen
     assert "train.py train --num-epoch 1" in page.inner_text("#recipe ~ ol")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    assert page.evaluate("[...document.querySelectorAll('.scroll')].every(s => s.scrollWidth <= s.clientWidth)")
+    edges = page.eval_on_selector_all("table.scores thead th",
+                                      "cells => cells.map(c => c.getBoundingClientRect().right)")
+    assert len(edges) == 9 and max(edges) <= page.evaluate("document.documentElement.clientWidth")
     page.set_viewport_size({"width": 380, "height": 700})
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert errors == []
