@@ -90,8 +90,8 @@ def learning_rate(args: dict, progress: float) -> float:
     if args["lr_decay"] == "cosine":
         t = min(progress / args["num_epoch"], 1.0)
         lr = args["min_lr"] + (args["lr"] - args["min_lr"]) * 0.5 * (1 + math.cos(math.pi * t))
-    if progress < args["warmup"]:
-        lr *= (progress + 1 / 64) / args["warmup"]  # never exactly zero at the first step
+    if progress < args["warmup"]:  # never exactly zero at the first step, never above --lr at the last
+        lr *= min(1.0, (progress + 1 / 64) / args["warmup"])
     return lr
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, run
 from data import downscale
+from train import learning_rate
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -132,3 +133,12 @@ def test_every_flag_has_a_help_line_with_its_default(cli, command):
     assert len(described) >= 2
     for text in described:
         assert "(default: " in text or "(required)" in text, text
+
+
+def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
+    args = {"lr": 1e-3, "lr_decay": "none", "warmup": 1.0, "num_epoch": 10, "min_lr": 1e-6}
+    rates = [learning_rate(args, step / 735) for step in range(2 * 735)]
+    assert 0 < rates[0] < 1e-4 and max(rates) == 1e-3 and rates[734] == 1e-3
+    assert all(a <= b for a, b in zip(rates, rates[1:], strict=False))
+    cosine = [learning_rate({**args, "lr_decay": "cosine"}, step / 100) for step in range(1000)]
+    assert max(cosine) <= 1e-3 and cosine[-1] >= 1e-6
