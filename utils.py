@@ -8,10 +8,7 @@ import re
 import sys
 import tempfile
 import warnings
-import zlib
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,83 +75,19 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-# ---------------------------------------------------------------- PNG files
+# ---------------------------------------------------------------- image files
 
 
-PNG_BLOCK = 1 << 21  # bytes of scanlines compressed as one piece (one IDAT chunk), in parallel with the others
-
-
-def png_filtered(rows: np.ndarray, previous: np.ndarray, channels: int) -> np.ndarray:
-    """PNG's adaptive filtering, as libpng and Pillow do it: per scanline, of the five filters, the
-    one whose output has the smallest sum of absolute values (as signed bytes). `rows`: uint8
-    H x (W * C); `previous`: the scanline above the first row. Returns H x (1 + W * C), filter byte first."""
-    x = rows.astype(np.int16)
-    up = np.concatenate([previous[None].astype(np.int16), x[:-1]])
-    left = np.zeros_like(x)
-    left[:, channels:] = x[:, :-channels]
-    upleft = np.zeros_like(x)
-    upleft[:, channels:] = up[:, :-channels]
-    estimate = left + up - upleft
-    pa, pb, pc = np.abs(estimate - left), np.abs(estimate - up), np.abs(estimate - upleft)
-    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    candidates = np.stack([x, x - left, x - up, x - (left + up) // 2, x - paeth]).astype(np.uint8)  # wraps mod 256
-    cost = np.abs(candidates.view(np.int8).astype(np.int32)).sum(axis=2)  # 5 x H
-    best = cost.argmin(axis=0)
-    out = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
-    out[:, 0] = best
-    out[:, 1:] = candidates[best, np.arange(len(rows))]
-    return out
-
-
-def write_png(image: Image.Image, path: str | Path, level: int = 6) -> None:
-    """A standard 8-bit PNG of an L, LA, RGB or RGBA image, about as small as Pillow's at its default
-    compression but compressed on every core: blocks of rows are filtered in turn and deflated each
-    by its own thread, with the block before as dictionary (as pigz does), the pieces making one
-    zlib stream. Blocks are written as they are done, so memory stays a few blocks whatever the size."""
-    width, height = image.size
-    channels = len(image.getbands())
-    row_bytes = width * channels
-    step = max(1, PNG_BLOCK // row_bytes)
-    threads = os.cpu_count() or 1
-
-    def deflate(block: bytes, dictionary: bytes | None, last: bool) -> bytes:
-        # Pillow's settings: memLevel 9, Z_FILTERED; a raw stream, the zlib header and checksum are added once
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_FILTERED,
-                                      **({"zdict": dictionary} if dictionary else {}))
-        return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # gray, gray + alpha, RGB, RGBA
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, colour_type, 0, 0, 0])
-    checksum, previous_row, previous_block, pending = 1, np.zeros(row_bytes, np.uint8), b"", deque()
-    with open(path, "wb") as f, ThreadPoolExecutor(threads) as pool:  # zlib lets go of the GIL as it compresses
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x78\x9c"))  # the zlib header
-        for top in range(0, height, step):
-            box = (0, top, width, min(top + step, height))
-            rows = np.frombuffer(image.crop(box).tobytes(), np.uint8).reshape(-1, row_bytes)
-            block = png_filtered(rows, previous_row, channels).tobytes()
-            checksum = zlib.adler32(block, checksum)
-            pending.append(pool.submit(deflate, block, previous_block[-32768:], box[3] == height))
-            previous_row, previous_block = rows[-1], block
-            while len(pending) > 2 * threads or (pending and pending[0].done()):
-                f.write(chunk(b"IDAT", pending.popleft().result()))
-        while pending:
-            f.write(chunk(b"IDAT", pending.popleft().result()))
-        f.write(chunk(b"IDAT", checksum.to_bytes(4, "big")) + chunk(b"IEND", b""))
+PNG_COMPRESS_LEVEL = 3  # zlib level of written PNGs: a third of the default's time, files as small (docs/speed.md)
 
 
 def save_image(image: Image.Image, path: Path) -> None:
-    """Write an image in the format its suffix names; PNGs of 8-bit images with write_png."""
+    """Write an image with Pillow in the format its suffix names (PNG at PNG_COMPRESS_LEVEL)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".jpg", ".jpeg") and image.mode in ("RGBA", "LA"):
             image = image.convert(image.mode[:-1])
-        if path.suffix.lower() == ".png" and image.mode in ("L", "LA", "RGB", "RGBA"):
-            write_png(image, path)
-        else:
-            image.save(path)
+        image.save(path, **({"compress_level": PNG_COMPRESS_LEVEL} if path.suffix.lower() == ".png" else {}))
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
