@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import HelpFormatter, UserError, current_umask, image_to_tensor, run_cli
+from utils import HelpFormatter, UserError, check_writable, current_umask, image_to_tensor, run_cli
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 MANIFEST = Path(__file__).with_name("datasets.tsv")
@@ -273,8 +273,20 @@ def is_verified(path: Path, size: int, sha256: str) -> bool:
     return path.is_file() and path.stat().st_size == size and sha256_of(path) == sha256
 
 
-def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -> None:
-    """Stream `url` into a temporary file beside `dest`, check size and sha256, rename into place."""
+OFFLINE_HINT = ("Offline? Fetch from a mirror with --base-url URL (or SRCNN_DATA_URL), or copy the sets into a "
+                "folder and pass --data-root DIR")
+
+
+def make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir()
+    except OSError as err:
+        raise UserError(f"cannot create folder {folder}: {err.strerror or err}") from None
+
+
+def fetch(url: str, dest: Path, size: int, sha256: str, hint: str = OFFLINE_HINT, timeout: float = 30.0) -> None:
+    """Stream `url` into a temporary file beside `dest`, check size and sha256, rename into place.
+    `hint`: what to try when `url` cannot be reached."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         digest, received = hashlib.sha256(), 0
@@ -297,10 +309,7 @@ def fetch(url: str, dest: Path, size: int, sha256: str, timeout: float = 30.0) -
         raise UserError(f"cannot download {url}: {type(err).__name__}; the partial file was not kept") from None
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-        raise UserError(
-            f"cannot download {url}: {reason}. Offline? Fetch from a mirror with --base-url URL "
-            "(or SRCNN_DATA_URL), or copy the sets into a folder and pass --data-root DIR"
-        ) from None
+        raise UserError(f"cannot download {url}: {reason}. {hint}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -318,12 +327,15 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
             size, sha256 = int(row["bytes"]), row["sha256"]
             if is_verified(dest, size, sha256):
                 continue
+            check_writable(dest, "data file")
             for folder in reversed(dest.parents):  # made top down, remembered to remove if left empty
-                if not folder.exists():
-                    folder.mkdir()
+                if not folder.is_dir():
+                    make_folder(folder)
                     created.append(folder)
             url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
-            fetch(url, dest, size, sha256)
+            fetch(url, dest, size, sha256,
+                  f"Is the mirror at {base_url} running? Or copy the sets into a folder and pass --data-root DIR"
+                  if base_url else OFFLINE_HINT)
             fetched += 1
     except BaseException:
         for folder in reversed(created):  # a failed first download leaves no empty folders behind
@@ -333,7 +345,7 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
     return fetched
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Data sets for SRCNN.", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     get = sub.add_parser("download", help="fetch and verify the data sets listed in datasets.tsv",
@@ -345,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         help="fetch <base-url>/<set>/<file> instead of the manifest's URLs, e.g. from a local mirror "
         "(default: $SRCNN_DATA_URL if set, else the manifest's URLs)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     fetched = download(args.root, args.sets, args.base_url or os.environ.get("SRCNN_DATA_URL"))
     print(f"{fetched} file(s) fetched; {', '.join(args.sets)} verified in {args.root}", file=sys.stderr)
     return 0

@@ -2,11 +2,13 @@
 evaluation; super_resolve.py, train.py and report.py all use these."""
 
 import functools
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from data import split_modes, upscale
 from model import SRCNN
@@ -22,11 +24,14 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = {2: HERE / "models" / "srcnn_x2.pth", 3: HERE / "checkpoint.pth", 4: HERE / "models" / "srcnn_x4.pth"}
 
 
-def shipped_checkpoint(scale: int | None) -> Path:
-    """The trained model this project ships for `scale`; None: x3, the assignment's."""
+def shipped_checkpoint(scale: int | None, otherwise: str) -> Path:
+    """The trained model this project ships for `scale`; None: x3, the assignment's. `otherwise`
+    says how the caller takes a model of another scale."""
+    shipped = f"x{', x'.join(map(str, SHIPPED))}"
+    if scale is not None and scale < 2:
+        raise UserError(f"--scale must be at least 2 (models are shipped for {shipped})")
     if scale is not None and scale not in SHIPPED:
-        raise UserError(f"no model is shipped for x{scale} (only x{', x'.join(map(str, SHIPPED))}); "
-                        "pass a --checkpoint trained at that scale")
+        raise UserError(f"no model is shipped for x{scale} (only {shipped}); {otherwise}")
     return SHIPPED[scale or 3]
 
 
@@ -114,12 +119,14 @@ def enhance(network: "Network", image: torch.Tensor, self_ensemble: bool = False
 
 @torch.no_grad()
 def evaluate(model: SRCNN | None, pairs: list, scale: int, self_ensemble: bool = False,
-             keep_outputs: bool = False) -> dict:
+             keep_outputs: bool = False, progress: str | None = None) -> dict:
     """Mean Y-PSNR and SSIM (border `scale` shaved) over (name, input, HR) pairs; None = bicubic.
-    'images' holds each image's name and scores, and with `keep_outputs` its output (uint8)."""
+    'images' holds each image's name and scores, and with `keep_outputs` its output (uint8).
+    `progress`: the label of a progress bar on stderr (default: none)."""
     network = None if model is None else engine_for(model)
     images = []
-    for name, lr_up, hr in pairs:
+    for name, lr_up, hr in tqdm(pairs, desc=progress, unit="image", leave=False, file=sys.stderr,
+                                disable=progress is None):
         sr = lr_up if network is None else enhance(network, lr_up, self_ensemble)
         images.append({"name": name, "psnr": psnr(sr, hr, shave=scale), "ssim": ssim(sr, hr, shave=scale)}
                       | ({"output": sr} if keep_outputs else {}))
@@ -145,6 +152,35 @@ def super_resolve_image(
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
+class GraphChain:
+    """An ONNX graph built as a chain of steps: each node takes the current tensor (and constant
+    arguments, stored as initializers), and its output becomes the current tensor."""
+
+    def __init__(self, first: str) -> None:
+        self.nodes, self.weights, self.current = [], [], first
+
+    def then(self, op: str, *arguments: np.ndarray, names: tuple[str, ...] = (), **attributes) -> None:
+        from onnx import helper, numpy_helper
+
+        names = names or tuple(f"{op}{len(self.nodes)}.{i}" for i in range(len(arguments)))
+        self.weights.extend(numpy_helper.from_array(a, name) for a, name in zip(arguments, names, strict=True))
+        self.nodes.append(helper.make_node(op, [self.current, *names], [f"{op}{len(self.nodes)}"], **attributes))
+        self.current = self.nodes[-1].output[0]
+
+    def interleave_phases(self, images: bool) -> None:
+        """After a layer by phase: channel 4c + 2a + b at (y, x) becomes pixel (2y + a, 2x + b) of
+        colour c, and the result is cut to the input's size."""
+        from onnx import helper, numpy_helper
+
+        self.then("DepthToSpace", blocksize=2, mode="CRD")
+        self.nodes.append(helper.make_node("Shape", ["image" if images else "input"], ["size"],
+                                           start=1 if images else 2, end=3 if images else 4))
+        self.weights += [numpy_helper.from_array(np.zeros(2, np.int64), "origin"),
+                         numpy_helper.from_array(np.array([2, 3]), "height_width")]
+        self.nodes.append(helper.make_node("Slice", [self.current, "origin", "size", "height_width"], ["cropped"]))
+        self.current = "cropped"
+
+
 def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     """The network as an ONNX model (onnx.ModelProto): Conv, Relu, Conv, Relu, Conv with the weights
     as initializers. Input "input", the bicubic-upscaled RGB image in [0, 1] (N x 3 x H x W float32,
@@ -154,50 +190,37 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     outside ONNX Runtime. With `polyphase`, the last layer runs as polyphase_conv says: the same
     sums, in a third of ONNX Runtime's CPU time."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    nodes, weights, current = [], [], "image" if images else "input"
-
-    def then(op: str, *arguments: np.ndarray, names: tuple[str, ...] = (), **attributes) -> None:
-        """Append `op` applied to the current tensor (and constant `arguments`); its result becomes current."""
-        nonlocal current
-        names = names or tuple(f"{op}{len(nodes)}.{i}" for i in range(len(arguments)))
-        weights.extend(numpy_helper.from_array(a, name) for a, name in zip(arguments, names, strict=True))
-        nodes.append(helper.make_node(op, [current, *names], [f"{op}{len(nodes)}"], **attributes))
-        current = nodes[-1].output[0]
-
+    chain = GraphChain("image" if images else "input")
     if images:
-        then("Transpose", perm=[0, 3, 1, 2])
-        then("Cast", to=TensorProto.FLOAT)
-        then("Div", np.float32(255))
+        chain.then("Transpose", perm=[0, 3, 1, 2])
+        chain.then("Cast", to=TensorProto.FLOAT)
+        chain.then("Div", np.float32(255))
     for i, conv in enumerate((model.conv1, model.conv2, model.conv3), start=1):
         by_phase, pad = i == 3 and polyphase, conv.padding[0]
         weight, bias = (p.detach().float().cpu().contiguous().numpy()
                         for p in (polyphase_conv(conv) if by_phase else (conv.weight, conv.bias)))
-        then("Conv", weight, bias, names=(f"conv{i}.weight", f"conv{i}.bias"), kernel_shape=list(weight.shape[2:]),
-             strides=[2, 2] if by_phase else [1, 1], pads=[pad, pad, pad + 1, pad + 1] if by_phase else [pad] * 4)
+        chain.then("Conv", weight, bias, names=(f"conv{i}.weight", f"conv{i}.bias"),
+                   kernel_shape=list(weight.shape[2:]), strides=[2, 2] if by_phase else [1, 1],
+                   pads=[pad, pad, pad + 1, pad + 1] if by_phase else [pad] * 4)
         if i < 3:
-            then("Relu")
+            chain.then("Relu")
     if images:
-        then("Clip", np.float32(0), np.float32(1))
-        then("Mul", np.float32(255))
-        then("Round")
-        then("Cast", to=TensorProto.UINT8)
-    if polyphase:  # channel 4c + 2a + b at (y, x) is pixel (2y + a, 2x + b) of colour c; cut to the input's size
-        then("DepthToSpace", blocksize=2, mode="CRD")
-        nodes.append(helper.make_node("Shape", ["image" if images else "input"], ["size"],
-                                      start=1 if images else 2, end=3 if images else 4))
-        weights += [numpy_helper.from_array(np.zeros(2, np.int64), "origin"),
-                    numpy_helper.from_array(np.array([2, 3]), "height_width")]
-        nodes.append(helper.make_node("Slice", [current, "origin", "size", "height_width"], ["cropped"]))
-        current = "cropped"
+        chain.then("Clip", np.float32(0), np.float32(1))
+        chain.then("Mul", np.float32(255))
+        chain.then("Round")
+        chain.then("Cast", to=TensorProto.UINT8)
+    if polyphase:
+        chain.interleave_phases(images)
     if images:
-        then("Transpose", perm=[0, 2, 3, 1])
+        chain.then("Transpose", perm=[0, 2, 3, 1])
+    nodes = chain.nodes
     nodes[-1].output[0] = "sr" if images else "output"
     shape = ["batch", "height", "width", 3] if images else ["batch", 3, "height", "width"]
     kind = TensorProto.UINT8 if images else TensorProto.FLOAT
     graph = helper.make_graph(nodes, "srcnn", [helper.make_tensor_value_info(nodes[0].input[0], kind, shape)],
-                              [helper.make_tensor_value_info(nodes[-1].output[0], kind, shape)], weights)
+                              [helper.make_tensor_value_info(nodes[-1].output[0], kind, shape)], chain.weights)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="srcnn")
     proto.ir_version = 8  # what opset 17 needs; older ONNX Runtimes refuse newer IR versions
     onnx.checker.check_model(proto)

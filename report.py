@@ -2,10 +2,13 @@
 `train.py evaluate` (the table of scores per data set, and with --report the HTML page of report_html.py)."""
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from data import load_pairs
 from inference import evaluate, load_model
@@ -14,6 +17,9 @@ from utils import UserError, choose_device, writable_folder
 
 EVALUATION_SETS = ("Set5", "Set14", "BSD100")
 ZOOM_DB = 0.3  # the PSNR panel that shows late gains spans this far below the best score
+ZOOM_EPOCHS = 50  # and is drawn for runs of at least this many epochs (a short one leaves it almost empty)
+RUNS_DB = 2.5  # the plot of several runs spans this far below the best score
+HISTORY_SHOWN = 5  # epochs `inspect` lists without --history
 
 
 def summarize(path: str) -> dict:
@@ -35,7 +41,7 @@ def summarize(path: str) -> dict:
     }
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, whole_history: bool = False) -> None:
     print(f"{summary['path']}: SRCNN x{summary['scale']}, {summary['parameters']:,} parameters, "
           f"epoch {summary['epoch']}, version {summary['version']}")
     if summary["position"]:
@@ -46,60 +52,130 @@ def print_summary(summary: dict) -> None:
     for run in summary["commands"]:
         print(f"  from epoch {run['epoch']}: {run['command']}")
     history = summary["history"]
-    if history:
-        print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB")
-        print(f"{'epoch':>6} {'loss':>10} {'PSNR':>8} {'SSIM':>7} {'lr':>9} {'time s':>8} {'patches/s':>10}")
-        for h in history:
-            print(f"{h['epoch']:6d} {h['loss']:10.6f} {h['psnr']:8.3f} {h['ssim']:7.4f} {h.get('lr', 0):9.2e} "
-                  f"{h['seconds']:8.1f} {h['patches_per_s']:10.0f}")
+    if not history:
+        return
+    minutes = sum(h["seconds"] for h in history) / 60
+    print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB, "
+          f"{minutes:.1f} minutes of training")
+    shown = history if whole_history else history[-HISTORY_SHOWN:]
+    if len(shown) < len(history):
+        print(f"the last {len(shown)} of {len(history)} epochs (--history shows all, --json everything):")
+    print(f"{'epoch':>6} {'loss':>10} {'PSNR':>8} {'SSIM':>7} {'lr':>9} {'time s':>8} {'patches/s':>10}")
+    for h in shown:
+        print(f"{h['epoch']:6d} {h['loss']:10.6f} {h['psnr']:8.3f} {h['ssim']:7.4f} {h.get('lr', 0):9.2e} "
+              f"{h['seconds']:8.1f} {h['patches_per_s']:10.0f}")
 
 
-def inspect_checkpoint(path: str, as_json: bool, plot: str | None) -> int:
-    """Print the summary (text or JSON), or with `plot` draw the training curves and say where."""
-    summary = summarize(path)
+def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | None = None,
+                        filters: str | None = None, whole_history: bool = False) -> int:
+    """Print the summaries (text or JSON); or draw: with `plot` the training curves of one
+    checkpoint, or the PSNR of several against training minutes; with `filters` the first
+    layer's filters. A drawing prints only where it went."""
+    summaries = [summarize(path) for path in paths]
+    if filters and len(paths) > 1:
+        raise UserError("--filters draws the filters of one checkpoint; name one")
     if plot:
-        if not summary["history"]:
-            raise UserError(f"{path} has no training history to plot")
-        plot_history(summary, Path(plot))
+        for summary in summaries:
+            if not summary["history"]:
+                raise UserError(f"{summary['path']} has no training history to plot")
+    if filters:
+        plot_filters(load_model(paths[0], torch.device("cpu"))[0].conv1.weight, Path(filters))
+        print(f"filters written to {filters}")
+    if plot and len(summaries) == 1:
+        plot_history(summaries[0], Path(plot))
+    elif plot:
+        plot_runs(summaries, Path(plot))
+    if plot:
         print(f"plot written to {plot}")
-    elif as_json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_summary(summary)
+    if plot or filters:
+        return 0
+    if as_json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+        return 0
+    for i, summary in enumerate(summaries):
+        print_summary(summary, whole_history)
+        if i < len(summaries) - 1:
+            print()
     return 0
 
 
-def plot_history(summary: dict, path: Path) -> None:
-    """Loss, PSNR, and PSNR within ZOOM_DB of the best (where late gains show), per epoch, with
-    a dashed line where each recorded resume began."""
-    history = summary["history"]
-    epochs = [h["epoch"] for h in history]
-    psnrs = [h["psnr"] for h in history]
-    best = max(psnrs)
-    eval_set = summary["args"].get("eval_set", "evaluation set")
-    figure = Figure(figsize=(15, 4.5), layout="constrained")
-    loss_axes, psnr_axes, zoom_axes = figure.subplots(1, 3)
-    loss_axes.semilogy(epochs, [h["loss"] for h in history], color="tab:blue")
-    loss_axes.set(title="training loss (MSE)", xlabel="epoch", ylabel="loss (log scale)")
-    psnr_axes.plot(epochs, psnrs, color="tab:green")
-    psnr_axes.set(title=f"{eval_set} Y-PSNR", xlabel="epoch", ylabel="dB")
-    zoom_axes.plot(epochs, psnrs, color="tab:green")
-    zoom_axes.set(title=f"{eval_set} Y-PSNR, the last {ZOOM_DB} dB (best {best:.3f})", xlabel="epoch", ylabel="dB",
-                  ylim=(best - ZOOM_DB, best + ZOOM_DB / 15))
-    zoom_axes.axhline(best, color="grey", linewidth=0.8)
-    starts = sorted({run["epoch"] for run in summary["commands"] if run["epoch"] > 0})
-    for axes in (loss_axes, psnr_axes, zoom_axes):
-        axes.grid(True, alpha=0.3)
-        for epoch in starts:
-            axes.axvline(epoch, color="tab:red", linestyle="--", linewidth=0.8,
-                         label="resumed" if epoch == starts[0] else None)
-    if starts:
-        zoom_axes.legend(loc="lower right")
+def save_figure(figure: Figure, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def plot_history(summary: dict, path: Path) -> None:
+    """Loss and PSNR per epoch, with a dashed line where each recorded resume began; for a run
+    long enough to show late gains (ZOOM_EPOCHS), a third panel: the PSNR within ZOOM_DB of the best."""
+    history = summary["history"]
+    epochs = [h["epoch"] for h in history]
+    psnrs = [h["psnr"] for h in history]
+    best = max(psnrs)
+    eval_set = summary["args"].get("eval_set", "evaluation set")
+    zoom = len(history) >= ZOOM_EPOCHS
+    figure = Figure(figsize=(15 if zoom else 10, 4.5), layout="constrained")
+    panels = figure.subplots(1, 3 if zoom else 2)
+    loss_axes, psnr_axes = panels[:2]
+    loss_axes.semilogy(epochs, [h["loss"] for h in history], color="tab:blue")
+    loss_axes.set(title="training loss (MSE)", xlabel="epoch", ylabel="loss (log scale)")
+    psnr_axes.plot(epochs, psnrs, color="tab:green")
+    psnr_axes.set(title=f"{eval_set} Y-PSNR", xlabel="epoch", ylabel="dB")
+    if zoom:
+        panels[2].plot(epochs, psnrs, color="tab:green")
+        panels[2].set(title=f"{eval_set} Y-PSNR, the last {ZOOM_DB} dB (best {best:.3f})", xlabel="epoch",
+                      ylabel="dB", ylim=(best - ZOOM_DB, best + ZOOM_DB / 15))
+        panels[2].axhline(best, color="grey", linewidth=0.8)
+    starts = sorted({run["epoch"] for run in summary["commands"] if run["epoch"] > 0})
+    for axes in panels:
+        axes.grid(True, alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for epoch in starts:
+            axes.axvline(epoch, color="tab:red", linestyle="--", linewidth=0.8,
+                         label="resumed" if epoch == starts[0] else None)
+    if starts:
+        panels[-1].legend(loc="lower right")
+    save_figure(figure, path)
+
+
+def plot_runs(summaries: list[dict], path: Path) -> None:
+    """The evaluation PSNR of several runs against their minutes of training (the sum of the
+    epochs' seconds, evaluation left out), one line each: which recipe gets where, how fast."""
+    figure = Figure(figsize=(10, 5.5), layout="constrained")
+    axes = figure.subplots()
+    for summary in summaries:
+        history = summary["history"]
+        minutes = (np.cumsum([h["seconds"] for h in history]) / 60).tolist()
+        psnrs = [h["psnr"] for h in history]
+        axes.plot(minutes, psnrs, marker="." if len(history) < 40 else None,
+                  label=f"{summary['path']}: {psnrs[-1]:.2f} dB after {minutes[-1]:.0f} min")
+    best = max(max(h["psnr"] for h in s["history"]) for s in summaries)
+    eval_sets = sorted({s["args"].get("eval_set", "evaluation set") for s in summaries})
+    axes.set(title=f"{' / '.join(eval_sets)} Y-PSNR against training time", xlabel="training minutes",
+             ylabel="dB", ylim=(best - RUNS_DB, best + RUNS_DB / 20))
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right")
+    save_figure(figure, path)
+
+
+def plot_filters(weight: torch.Tensor, path: Path) -> None:
+    """The first layer's filters (64 x 3 x 9 x 9) as a grid of colour patches, each stretched to
+    its own range, as the SRCNN paper shows them: what the network looks for in its input."""
+    weight = weight.detach().float().cpu()
+    low = weight.amin(dim=(1, 2, 3), keepdim=True)
+    spread = (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
+    patches = ((weight - low) / spread).permute(0, 2, 3, 1).numpy()  # N x 9 x 9 x RGB in [0, 1]
+    columns = math.ceil(math.sqrt(len(patches)))
+    rows = math.ceil(len(patches) / columns)
+    figure = Figure(figsize=(columns * 0.8, rows * 0.8 + 0.4), layout="constrained")
+    figure.suptitle(f"first-layer filters ({len(patches)} of {weight.shape[2]}x{weight.shape[3]}, RGB)")
+    for i, axes in enumerate(figure.subplots(rows, columns).flat):
+        axes.set_axis_off()
+        if i < len(patches):
+            axes.imshow(patches[i], interpolation="nearest")
+    save_figure(figure, path)
 
 
 def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda: bool, self_ensemble: bool,
@@ -115,16 +191,18 @@ def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda:
     if report:
         writable_folder(Path(report), "report folder")
     print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved, {degradation} bicubic")
-    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}" + (f" {'SRCNN x8':>16}" if self_ensemble else ""))
+    print(f"{'set':8s} {'images':>6} {'bicubic':>16} {'SRCNN':>16}" + (f" {'SRCNN x8':>16}" if self_ensemble else ""),
+          flush=True)
     scores = {}
+    keep = report is not None
     for name, pairs in all_pairs.items():
-        keep = report is not None
-        scores[name] = {"bicubic": evaluate(None, pairs, scale, keep_outputs=keep),
-                        "srcnn": evaluate(model, pairs, scale, keep_outputs=keep)}
+        scores[name] = {"bicubic": evaluate(None, pairs, scale, keep_outputs=keep, progress=f"{name} bicubic"),
+                        "srcnn": evaluate(model, pairs, scale, keep_outputs=keep, progress=f"{name} SRCNN")}
         if self_ensemble:
-            scores[name]["x8"] = evaluate(model, pairs, scale, self_ensemble=True, keep_outputs=keep)
+            scores[name]["x8"] = evaluate(model, pairs, scale, self_ensemble=True, keep_outputs=keep,
+                                          progress=f"{name} SRCNN x8")
         print(f"{name:8s} {len(pairs):6d}" + "".join(f" {s['psnr']:8.2f} / {s['ssim']:.4f}"
-                                                     for s in scores[name].values()))
+                                                     for s in scores[name].values()), flush=True)
     if report:
         summary = summarize(path)
         curve = None

@@ -15,7 +15,17 @@ from tqdm import tqdm
 import info
 from data import DEGRADATIONS, IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
 from inference import ENGINES, Network, engine_for, export_onnx, load_model, shipped_checkpoint, super_resolve_image
-from utils import HelpFormatter, UserError, choose_device, image_to_tensor, psnr, run_cli, save_image, ssim
+from utils import (
+    HelpFormatter,
+    UserError,
+    check_writable,
+    choose_device,
+    image_to_tensor,
+    psnr,
+    run_cli,
+    save_image,
+    ssim,
+)
 
 
 def output_path(input_path: Path, output: str | None, scale: int, many: bool) -> Path:
@@ -110,6 +120,9 @@ def super_resolve_file(network: Network, source: Path, dest: Path, scale: int, a
     """Upscale one file; every argument that depends on the image is checked before any work."""
     if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
         raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
+    check_writable(dest, "output")
+    if args.compare:
+        check_writable(Path(args.compare), "comparison")
     lr = load_image(source)
     size = (lr.width * scale, lr.height * scale)
     hr = load_ground_truth(args.gt, size, scale) if args.gt else None
@@ -134,7 +147,7 @@ def super_resolve_file(network: Network, source: Path, dest: Path, scale: int, a
         print(f"comparison written to {args.compare}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Super-resolve images with a trained SRCNN checkpoint.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
@@ -160,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", metavar="MODEL.onnx",
                         help="write the network as ONNX (dynamic height and width) instead (default: none)")
     parser.add_argument("--version", action="version", version=info.version_string())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint or shipped_checkpoint(args.scale)
+    checkpoint = args.checkpoint or shipped_checkpoint(args.scale, "pass --checkpoint CKPT trained at that scale")
     if args.export:
         export_onnx(load_model(checkpoint, choose_device(False), args.scale)[0], Path(args.export))
         print(f"ONNX model written to {args.export}")

@@ -26,9 +26,17 @@ import info
 from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
 from inference import evaluate, load_model, shipped_checkpoint
 from processes import Processes, StopRequest, launch_command
-from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoint
+from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from training_state import TrainingState, amp_settings, check_resumable, update_ema
-from utils import HelpFormatter, UserError, load_checkpoint, run_cli, save_checkpoint, writable_folder
+from utils import (
+    HelpFormatter,
+    UserError,
+    load_checkpoint,
+    removed_if_left_empty,
+    run_cli,
+    save_checkpoint,
+    writable_folder,
+)
 
 CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
@@ -101,8 +109,8 @@ def learning_rate(args: dict, progress: float) -> float:
 def fit(args: dict, checkpoint: dict | None = None, command: str | None = None) -> int:
     """Train until args['num_epoch'] epochs are done, from scratch or from `checkpoint`. Under
     torchrun each process trains on its share of every batch (DDP); rank 0 evaluates and saves."""
-    with Processes.start(args["cuda"], args["batch_size"]) as processes:
-        out_dir = Path(args["checkpoint_dir"])
+    out_dir = Path(args["checkpoint_dir"])
+    with removed_if_left_empty(out_dir), Processes.start(args["cuda"], args["batch_size"]) as processes:
         patches, eval_pairs = processes.agree(load_data, args, processes)
         autocast, scaler = amp_settings(args, processes.device)
         state = TrainingState.from_checkpoint(args, processes.device, checkpoint, command, scaler)
@@ -296,10 +304,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     resume = command("resume", "continue training from a checkpoint; given flags override saved ones")
     resume.add_argument("checkpoint", help="a checkpoint written by train or resume")
     add_training_flags(resume, resume=True)
-    insp = command("inspect", "show a checkpoint's arguments and history")
-    insp.add_argument("checkpoint", help="the checkpoint to describe")
-    insp.add_argument("--json", action="store_true", help="print JSON instead of text")
-    insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image (default: no picture)")
+    insp = command("inspect", "show checkpoints' arguments, commands and history; draw their curves or filters")
+    insp.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the checkpoint(s) to describe")
+    insp.add_argument("--history", action="store_true", help="list every epoch, not only the last few")
+    insp.add_argument("--json", action="store_true", help="print JSON instead of text (everything)")
+    insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image; of several checkpoints, "
+                      "their PSNR against training minutes (default: no picture)")
+    insp.add_argument("--filters", metavar="PATH", help="draw the 64 first-layer filters (default: no picture)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint", nargs="?", help="the checkpoint to evaluate (default: the model shipped for "
                     "--scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
@@ -323,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     command = launch_command(argv)
 
     if args.command == "inspect":
-        return inspect_checkpoint(args.checkpoint, args.json, args.plot)
+        return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history)
     if args.command == "evaluate":
-        path = args.checkpoint or str(shipped_checkpoint(args.scale))
+        path = args.checkpoint or str(shipped_checkpoint(
+            args.scale, "name a checkpoint trained at that scale: python train.py evaluate CHECKPOINT"))
         return evaluate_checkpoint(path, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale,
                                    args.degradation, args.report)
     if args.command == "train":

@@ -1,6 +1,7 @@
 """Shared helpers: metrics, image/tensor conversion, checkpoint I/O, seeding, device, CLI errors and help."""
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -8,7 +9,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ PNG_COMPRESS_LEVEL = 3  # zlib level of written PNGs: a third of the default's t
 
 def save_image(image: Image.Image, path: Path) -> None:
     """Write an image with Pillow in the format its suffix names (PNG at PNG_COMPRESS_LEVEL)."""
+    check_writable(path, "image")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".jpg", ".jpeg") and image.mode in ("RGBA", "LA"):
@@ -151,14 +153,39 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, shave: int = 0, y_channel: bool = T
 # ---------------------------------------------------------------- checkpoints
 
 
+def check_writable(path: Path, role: str) -> None:
+    """Refuse, in one line and before any work, a `role` at `path` (a file, or a folder to be made)
+    that could not be written: the nearest existing part of the path is a file, or may not be written."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing != path and not existing.is_dir():
+        raise UserError(f"cannot write {role} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write {role} {path}: {existing} is not writable")
+
+
 def writable_folder(folder: Path, role: str = "checkpoint folder") -> None:
     """Make `folder` if missing; refuse, in one line, one that cannot be written to."""
+    check_writable(folder, role)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{role} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {role} {folder}: {err.strerror or err}") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{role} {folder} is not writable")
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """The folders on the way to `folder` that do not exist yet are removed again if the block
+    fails and leaves them empty: a command that fails before its first save leaves nothing behind."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in missing:  # the deepest first; rmdir removes only empty folders
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:

@@ -62,13 +62,12 @@ def find_real_data(shared: Path, data_root: Path, base_url: str | None, sets=REA
         return shared
     try:
         download(data_root, list(sets), base_url)
+        return data_root
     except UserError as err:
-        pytest.fail(
-            f"the data sets {', '.join(sets)} are neither in {shared} (SRCNN_SHARED_DATA) nor in {data_root} "
-            f"(SRCNN_DATA_ROOT), and fetching them failed ({err}); set SRCNN_DATA_URL to a mirror",
-            pytrace=False,
-        )
-    return data_root
+        why = str(err)
+    # outside the except block, so that pytest shows this one line and not the exception it replaces
+    pytest.fail(f"the data sets {', '.join(sets)} are neither in {shared} (SRCNN_SHARED_DATA) nor in {data_root} "
+                f"(SRCNN_DATA_ROOT), and fetching them failed ({why}); set SRCNN_DATA_URL to a mirror", pytrace=False)
 
 
 @pytest.fixture(scope="session")

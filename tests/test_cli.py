@@ -4,13 +4,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run
+from conftest import ROOT, assert_clean_error, run
 from data import downscale
 from train import learning_rate
+from utils import load_checkpoint, save_checkpoint
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -39,11 +41,58 @@ def test_inspect_text_json_and_plot(trained, tmp_path):
     assert text.returncode == 0 and "20,099 parameters" in text.stdout and "lr" in text.stdout
     plot = run("train.py", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "plots" / "curve.png"))
     assert plot.returncode == 0 and plot.stdout == f"plot written to {tmp_path / 'plots' / 'curve.png'}\n"
-    assert Image.open(tmp_path / "plots" / "curve.png").size == (1500, 450)  # three panels side by side
+    assert Image.open(tmp_path / "plots" / "curve.png").size == (1000, 450)  # loss, PSNR: too short for a zoom
     result = run("train.py", "inspect", str(trained / "last.pth"), "--json")
     summary = json.loads(result.stdout)
     assert summary["epoch"] == 1 and summary["parameters"] == 20_099
     assert summary["args"]["batch_size"] == 8 and len(summary["history"]) == 1
+
+
+@pytest.fixture(scope="module")
+def long_run(trained, tmp_path_factory):
+    """The trained checkpoint with a made-up history of 60 epochs (no need to train them)."""
+    checkpoint = load_checkpoint(trained / "last.pth")
+    record = checkpoint["history"][0]
+    checkpoint["history"] = [{**record, "epoch": e, "psnr": 30 + e / 30, "seconds": 20.0} for e in range(1, 61)]
+    checkpoint["epoch"] = 60
+    path = tmp_path_factory.mktemp("long") / "long.pth"
+    save_checkpoint(checkpoint, path)
+    return path
+
+
+def test_inspect_lists_the_last_epochs_unless_asked_for_all(cli, long_run):
+    def epochs(text):
+        return [int(line.split()[0]) for line in text.splitlines() if line.split() and line.split()[0].isdigit()]
+
+    short = cli("train", "inspect", str(long_run)).stdout
+    assert epochs(short) == [56, 57, 58, 59, 60] and "the last 5 of 60 epochs (--history shows all" in short
+    assert "from epoch 0: python train.py train" in short and "20.0 minutes of training" in short
+    assert epochs(cli("train", "inspect", str(long_run), "--history").stdout) == list(range(1, 61))
+
+
+def test_plots_of_one_long_run_and_of_several_runs(cli, trained, long_run, tmp_path):
+    assert cli("train", "inspect", str(long_run), "--plot", str(tmp_path / "long.png")).returncode == 0
+    assert Image.open(tmp_path / "long.png").size == (1500, 450)  # long enough for the third, zoomed panel
+    result = cli("train", "inspect", str(trained / "last.pth"), str(long_run), "--plot", str(tmp_path / "runs.png"))
+    assert result.returncode == 0 and result.stdout == f"plot written to {tmp_path / 'runs.png'}\n"
+    assert Image.open(tmp_path / "runs.png").size == (1000, 550)
+    texts = cli("train", "inspect", str(trained / "last.pth"), str(long_run)).stdout
+    assert f"{trained / 'last.pth'}: SRCNN x3" in texts and f"{long_run}: SRCNN x3" in texts
+    assert len(json.loads(cli("train", "inspect", str(trained / "last.pth"), str(long_run), "--json").stdout)) == 2
+
+
+def test_filters_picture_is_drawn_from_the_weights(cli, trained, tmp_path):
+    result = cli("train", "inspect", str(trained / "last.pth"), "--filters", str(tmp_path / "a.png"))
+    assert result.returncode == 0 and result.stdout == f"filters written to {tmp_path / 'a.png'}\n"
+    checkpoint = load_checkpoint(trained / "last.pth")
+    checkpoint["model"]["conv1.weight"] = checkpoint["model"]["conv1.weight"].flip(-1)  # other filters
+    save_checkpoint(checkpoint, tmp_path / "flipped.pth")
+    assert cli("train", "inspect", str(tmp_path / "flipped.pth"), "--filters", str(tmp_path / "b.png")).returncode == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")) for name in "ab")
+    assert a.shape == b.shape == (680, 640, 3)  # an 8 x 8 grid, 0.8 inch a filter at 100 dpi, and a title
+    assert not np.array_equal(a, b)
+    assert_clean_error(cli("train", "inspect", str(trained / "last.pth"), str(tmp_path / "flipped.pth"),
+                           "--filters", str(tmp_path / "c.png")), "one checkpoint")
 
 
 def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
@@ -66,6 +115,7 @@ def test_evaluate_reports_bicubic_and_model(trained, mini_root):
     result = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root), "--sets", "Set5")
     assert result.returncode == 0, result.stderr
     assert "bicubic" in result.stdout and "Set5" in result.stdout and "pil bicubic" in result.stdout
+    assert "Set5 SRCNN:" in result.stderr and "/2 [" in result.stderr  # a progress bar for each set, on stderr
     found = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root),
                 "--degradation", "matlab")  # every evaluation set found in the data root: here Set5 alone
     assert found.returncode == 0 and "matlab bicubic" in found.stdout
@@ -101,6 +151,22 @@ def test_resume_is_exact(mini_root, tmp_path):
     for key in ("model", "training_weights"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert not torch.equal(a["model"]["conv1.weight"], a["training_weights"]["conv1.weight"])
+
+
+def test_the_recipe_run_twice_gives_the_same_weights(mini_root, tmp_path):
+    """A short version of the x3 recipe (docs/training.md), twice: seeded and deterministic on the CPU."""
+    recipe = ("--lr", "1e-3", "--lr-decay", "cosine", "--min-lr", "1e-5", "--batch-size", "32", "--patch-size", "48",
+              "--stride", "21", "--zooms", "1", "0.9", "0.8", "--augment", "--fresh-crops", "--num-epoch", "2",
+              "--data-root", str(mini_root))
+    for name in ("a", "b"):
+        result = run("train.py", "train", *recipe, "--checkpoint-dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    a, b = (torch.load(tmp_path / name / "last.pth", weights_only=True) for name in ("a", "b"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+    assert [h["psnr"] for h in a["history"]] == [h["psnr"] for h in b["history"]]
 
 
 def test_version_flags():

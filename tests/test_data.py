@@ -111,8 +111,27 @@ def test_download_unreachable_server_says_how_to_work_offline_and_leaves_no_empt
     root = tmp_path / "datasets"
     result = run("data.py", "download", "--root", str(root), "--sets", "Set5",
                  env={"SRCNN_DATA_URL": f"http://127.0.0.1:{closed_port()}"})
-    assert_clean_error(result, "--data-root", "--base-url")
+    assert_clean_error(result, "--data-root", "is the mirror at")
     assert not root.exists()
+
+
+def test_download_from_a_mirror_that_does_not_answer_says_so(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    result = run("data.py", "download", "--root", str(tmp_path / "datasets"), "--sets", "Set5", "--base-url", url)
+    assert_clean_error(result, f"is the mirror at {url} running?", "--data-root")
+    assert "Offline?" not in result.stderr
+
+
+def test_tests_without_the_sets_fail_in_one_line_each(tmp_path):
+    """No ../shared, no data root, no mirror: each test that needs the sets says why in one line."""
+    env = {"SRCNN_SHARED_DATA": str(tmp_path / "no-shared"), "SRCNN_DATA_ROOT": str(tmp_path / "datasets"),
+           "SRCNN_DATA_URL": f"http://127.0.0.1:{closed_port()}"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q",
+                             "tests/test_shipped_model.py::test_shipped_checkpoint_holds_under_the_matlab_protocol"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=120)
+    assert result.returncode != 0
+    assert "During handling" not in result.stdout and "Traceback" not in result.stdout, result.stdout
+    assert "the data sets T91, Set5, Set14, BSD100 are neither in" in result.stdout, result.stdout
 
 
 def test_the_fix_for_a_missing_set_works_from_another_folder(data_server, tmp_path):

@@ -124,8 +124,42 @@ def test_impossible_training_options(cli, mini_root, tmp_path, flags):
     assert not any(tmp_path.iterdir())
 
 
-def test_unwritable_output(cli, weights, lr_image, tmp_path):
+def test_unwritable_output_or_comparison_is_refused_before_any_work(cli, weights, lr_image, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     result = cli("super_resolve", "--checkpoint", str(weights), str(lr_image), "--output", str(blocker / "o.png"))
-    assert_clean_error(result, "cannot write")
+    assert_clean_error(result, "cannot write output", f"{blocker} is a file, not a folder")
+    result = cli("super_resolve", "--checkpoint", str(weights), str(lr_image), "--output", str(tmp_path / "o.png"),
+                 "--compare", str(blocker / "sub" / "c.png"))
+    assert_clean_error(result, "cannot write comparison", f"{blocker} is a file, not a folder")
+    assert result.stdout == "" and not (tmp_path / "o.png").exists()
+
+
+def test_download_into_a_folder_that_cannot_be_made(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    result = run("data.py", "download", "--root", str(blocker / "datasets"), "--sets", "Set5")
+    assert result.returncode == 2
+    assert_clean_error(result, f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "a file where a folder should be" and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_scale_without_a_model_says_how_each_command_takes_one(cli, mini_root):
+    evaluated = cli("train", "evaluate", "--scale", "5", "--data-root", str(mini_root))
+    assert_clean_error(evaluated, "no model is shipped for x5", "python train.py evaluate CHECKPOINT")
+    assert "--checkpoint" not in evaluated.stderr
+    upscaled = cli("super_resolve", "--scale", "5", "lr.png")
+    assert_clean_error(upscaled, "no model is shipped for x5", "--checkpoint CKPT")
+    for scale in ("0", "1", "-3"):
+        assert_clean_error(cli("super_resolve", "--scale", scale, "lr.png"), "--scale must be at least 2", "x2, x3, x4")
+    assert "x2, x3 and x4" in run("super_resolve.py", "--version").stdout
+
+
+def test_a_run_that_fails_before_its_first_save_leaves_no_folder(cli, mini_root, tmp_path):
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = cli("train", "train", "--data-root", str(mini_root), "--eval-set", str(evaluation),
+                 "--checkpoint-dir", str(tmp_path / "runs" / "first"))
+    assert_clean_error(result, "broken.png")
+    assert not (tmp_path / "runs").exists()
