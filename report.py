@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from data import load_pairs
 from inference import evaluate, load_model
@@ -67,25 +67,25 @@ def print_summary(summary: dict, whole_history: bool = False) -> None:
 
 
 def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | None = None,
-                        filters: str | None = None, whole_history: bool = False) -> int:
-    """Print the summaries (text or JSON); or draw: with `plot` the training curves of one
-    checkpoint, or the PSNR of several against training minutes; with `filters` the first
-    layer's filters. A drawing prints only where it went."""
+                        filters: str | None = None, whole_history: bool = False,
+                        reach: list[float] | None = None) -> int:
+    """Print the summaries (text or JSON; with `reach`, the minutes each run took to reach those
+    PSNRs); or draw: with `plot` the training curves of one checkpoint, or the PSNR of several
+    against training minutes; with `filters` the first layer's filters. A drawing prints only
+    where it went."""
     summaries = [summarize(path) for path in paths]
     if filters and len(paths) > 1:
         raise UserError("--filters draws the filters of one checkpoint; name one")
-    if plot:
-        for summary in summaries:
-            if not summary["history"]:
-                raise UserError(f"{summary['path']} has no training history to plot")
+    if plot and (empty := [s["path"] for s in summaries if not s["history"]]):
+        raise UserError(f"{empty[0]} has no training history to plot")
     if filters:
         plot_filters(load_model(paths[0], torch.device("cpu"))[0].conv1.weight, Path(filters))
         print(f"filters written to {filters}")
-    if plot and len(summaries) == 1:
-        plot_history(summaries[0], Path(plot))
-    elif plot:
-        plot_runs(summaries, Path(plot))
     if plot:
+        if len(summaries) == 1:
+            plot_history(summaries[0], Path(plot))
+        else:
+            plot_runs(summaries, Path(plot))
         print(f"plot written to {plot}")
     if plot or filters:
         return 0
@@ -96,7 +96,31 @@ def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | Non
         print_summary(summary, whole_history)
         if i < len(summaries) - 1:
             print()
+    if reach:
+        print_minutes_to_reach(summaries, reach)
     return 0
+
+
+def minutes_to_reach(history: list[dict], psnr: float) -> float | None:
+    """Minutes of training (the epochs' seconds summed) until the evaluation PSNR first reached `psnr`."""
+    seconds = 0.0
+    for record in history:
+        seconds += record["seconds"]
+        if record["psnr"] >= psnr:
+            return seconds / 60
+    return None
+
+
+def print_minutes_to_reach(summaries: list[dict], targets: list[float]) -> None:
+    width = max(len(s["path"]) for s in summaries)
+    print("\nminutes of training to reach each PSNR (- : not reached), and where the run ended:")
+    print(f"{'checkpoint':{width}s}" + "".join(f" {t:7.2f}" for t in targets) + "   final")
+    for summary in summaries:
+        history = summary["history"]
+        reached = [minutes_to_reach(history, target) for target in targets]
+        final = (f"{history[-1]['psnr']:.3f} after {sum(h['seconds'] for h in history) / 60:.1f}" if history else "-")
+        print(f"{summary['path']:{width}s}" + "".join(f" {'-' if m is None else f'{m:.1f}':>7s}" for m in reached)
+              + f"   {final}")
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -142,7 +166,8 @@ def plot_history(summary: dict, path: Path) -> None:
 
 def plot_runs(summaries: list[dict], path: Path) -> None:
     """The evaluation PSNR of several runs against their minutes of training (the sum of the
-    epochs' seconds, evaluation left out), one line each: which recipe gets where, how fast."""
+    epochs' seconds, evaluation left out; a log scale, so that both the first minutes and hours
+    show), one line each: which recipe gets where, how fast."""
     figure = Figure(figsize=(10, 5.5), layout="constrained")
     axes = figure.subplots()
     for summary in summaries:
@@ -153,8 +178,9 @@ def plot_runs(summaries: list[dict], path: Path) -> None:
                   label=f"{summary['path']}: {psnrs[-1]:.2f} dB after {minutes[-1]:.0f} min")
     best = max(max(h["psnr"] for h in s["history"]) for s in summaries)
     eval_sets = sorted({s["args"].get("eval_set", "evaluation set") for s in summaries})
-    axes.set(title=f"{' / '.join(eval_sets)} Y-PSNR against training time", xlabel="training minutes",
-             ylabel="dB", ylim=(best - RUNS_DB, best + RUNS_DB / 20))
+    axes.set(title=f"{' / '.join(eval_sets)} Y-PSNR against training time", xlabel="training minutes (log scale)",
+             ylabel="dB", ylim=(best - RUNS_DB, best + RUNS_DB / 20), xscale="log")
+    axes.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 rather than powers of ten
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right")
     save_figure(figure, path)

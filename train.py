@@ -311,6 +311,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image; of several checkpoints, "
                       "their PSNR against training minutes (default: no picture)")
     insp.add_argument("--filters", metavar="PATH", help="draw the 64 first-layer filters (default: no picture)")
+    insp.add_argument("--reach", type=float, nargs="+", metavar="DB", help="also print the minutes of training "
+                      "each run took to reach these evaluation PSNRs, e.g. 30.40 32.00 32.39 (default: none)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint", nargs="?", help="the checkpoint to evaluate (default: the model shipped for "
                     "--scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     command = launch_command(argv)
 
     if args.command == "inspect":
-        return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history)
+        return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history, args.reach)
     if args.command == "evaluate":
         path = args.checkpoint or str(shipped_checkpoint(
             args.scale, "name a checkpoint trained at that scale: python train.py evaluate CHECKPOINT"))

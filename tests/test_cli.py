@@ -68,6 +68,8 @@ def test_inspect_lists_the_last_epochs_unless_asked_for_all(cli, long_run):
     assert epochs(short) == [56, 57, 58, 59, 60] and "the last 5 of 60 epochs (--history shows all" in short
     assert "from epoch 0: python train.py train" in short and "20.0 minutes of training" in short
     assert epochs(cli("train", "inspect", str(long_run), "--history").stdout) == list(range(1, 61))
+    reached = cli("train", "inspect", str(long_run), "--reach", "31", "32.5").stdout.splitlines()[-1].split()
+    assert reached == [str(long_run), "10.0", "-", "32.000", "after", "20.0"]  # 31 dB at epoch 30, 20 s an epoch
 
 
 def test_plots_of_one_long_run_and_of_several_runs(cli, trained, long_run, tmp_path):
@@ -156,7 +158,7 @@ def test_resume_is_exact(mini_root, tmp_path):
 def test_the_recipe_run_twice_gives_the_same_weights(mini_root, tmp_path):
     """A short version of the x3 recipe (docs/training.md), twice: seeded and deterministic on the CPU."""
     recipe = ("--lr", "1e-3", "--lr-decay", "cosine", "--min-lr", "1e-5", "--batch-size", "32", "--patch-size", "48",
-              "--stride", "21", "--zooms", "1", "0.9", "0.8", "--augment", "--fresh-crops", "--num-epoch", "2",
+              "--stride", "21", "--zooms", "1", "0.9", "0.8", "--augment", "--fresh-crops", "--num-epoch", "1",
               "--data-root", str(mini_root))
     for name in ("a", "b"):
         result = run("train.py", "train", *recipe, "--checkpoint-dir", str(tmp_path / name))
