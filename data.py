@@ -273,8 +273,8 @@ def is_verified(path: Path, size: int, sha256: str) -> bool:
     return path.is_file() and path.stat().st_size == size and sha256_of(path) == sha256
 
 
-OFFLINE_HINT = ("Offline? Fetch from a mirror with --base-url URL (or SRCNN_DATA_URL), or copy the sets into a "
-                "folder and pass --data-root DIR")
+COPY_HINT = "copy the sets into a folder and pass --data-root DIR"
+OFFLINE_HINT = f"Offline? Fetch from a mirror with --base-url URL (or SRCNN_DATA_URL), or {COPY_HINT}"
 
 
 def make_folder(folder: Path) -> None:
@@ -333,9 +333,8 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
                     make_folder(folder)
                     created.append(folder)
             url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
-            fetch(url, dest, size, sha256,
-                  f"Is the mirror at {base_url} running? Or copy the sets into a folder and pass --data-root DIR"
-                  if base_url else OFFLINE_HINT)
+            fetch(url, dest, size, sha256, f"Is the mirror at {base_url} running? Or {COPY_HINT}" if base_url
+                  else OFFLINE_HINT)
             fetched += 1
     except BaseException:
         for folder in reversed(created):  # a failed first download leaves no empty folders behind
