@@ -1,0 +1,63 @@
+"""README.md and docs/: every relative link resolves (files and #anchors), and every command line
+shown in a code block parses with the command's own argument parser (parsed, never run)."""
+
+import re
+import shlex
+
+import pytest
+
+import data
+import super_resolve
+import train
+from conftest import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PARSERS = {"train.py": lambda: train.build_parser()[0], "super_resolve.py": super_resolve.build_parser,
+           "data.py": data.build_parser}
+
+
+def anchors(page) -> set[str]:
+    """The #anchors of a page's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def links(page) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code is not a link
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
+
+
+def commands(page) -> list[list[str]]:
+    """Each command line of the page's code blocks that runs one of PARSERS' scripts, as its arguments
+    from the script's name on (backslash continuations joined, trailing comments dropped)."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] in ("python", "torchrun") and any(w in PARSERS for w in words):
+                found.append(words[next(i for i, w in enumerate(words) if w in PARSERS):])
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    for target in links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target} does not exist"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: {target} names no heading of {linked.name}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_command_shown_parses(page):
+    for script, *args in commands(page):
+        try:
+            PARSERS[script]().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{page.name}: python {script} {shlex.join(args)} does not parse", pytrace=False)
+
+
+def test_the_pages_show_commands_and_links_to_check():
+    assert sum(len(commands(page)) for page in PAGES) >= 20 and len(links(PAGES[0])) >= 8
+    assert len(PAGES) >= 8 and len((ROOT / "README.md").read_text()) <= 10_000
