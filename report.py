@@ -54,9 +54,8 @@ def print_summary(summary: dict, whole_history: bool = False) -> None:
     history = summary["history"]
     if not history:
         return
-    minutes = sum(h["seconds"] for h in history) / 60
     print(f"best PSNR {summary['best_psnr']:.3f} dB, last PSNR {summary['last_psnr']:.3f} dB, "
-          f"{minutes:.1f} minutes of training")
+          f"{elapsed_minutes(history)[-1]:.1f} minutes of training")
     shown = history if whole_history else history[-HISTORY_SHOWN:]
     if len(shown) < len(history):
         print(f"the last {len(shown)} of {len(history)} epochs (--history shows all, --json everything):")
@@ -101,14 +100,15 @@ def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | Non
     return 0
 
 
+def elapsed_minutes(history: list[dict]) -> list[float]:
+    """Minutes of training by the end of each epoch: the epochs' seconds summed (evaluation left out)."""
+    return (np.cumsum([record["seconds"] for record in history]) / 60).tolist()
+
+
 def minutes_to_reach(history: list[dict], psnr: float) -> float | None:
-    """Minutes of training (the epochs' seconds summed) until the evaluation PSNR first reached `psnr`."""
-    seconds = 0.0
-    for record in history:
-        seconds += record["seconds"]
-        if record["psnr"] >= psnr:
-            return seconds / 60
-    return None
+    """Minutes of training until the evaluation PSNR first reached `psnr`."""
+    return next((m for m, record in zip(elapsed_minutes(history), history, strict=True) if record["psnr"] >= psnr),
+                None)
 
 
 def print_minutes_to_reach(summaries: list[dict], targets: list[float]) -> None:
@@ -118,7 +118,7 @@ def print_minutes_to_reach(summaries: list[dict], targets: list[float]) -> None:
     for summary in summaries:
         history = summary["history"]
         reached = [minutes_to_reach(history, target) for target in targets]
-        final = (f"{history[-1]['psnr']:.3f} after {sum(h['seconds'] for h in history) / 60:.1f}" if history else "-")
+        final = f"{history[-1]['psnr']:.3f} after {elapsed_minutes(history)[-1]:.1f}" if history else "-"
         print(f"{summary['path']:{width}s}" + "".join(f" {'-' if m is None else f'{m:.1f}':>7s}" for m in reached)
               + f"   {final}")
 
@@ -172,7 +172,7 @@ def plot_runs(summaries: list[dict], path: Path) -> None:
     axes = figure.subplots()
     for summary in summaries:
         history = summary["history"]
-        minutes = (np.cumsum([h["seconds"] for h in history]) / 60).tolist()
+        minutes = elapsed_minutes(history)
         psnrs = [h["psnr"] for h in history]
         axes.plot(minutes, psnrs, marker="." if len(history) < 40 else None,
                   label=f"{summary['path']}: {psnrs[-1]:.2f} dB after {minutes[-1]:.0f} min")
