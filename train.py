@@ -27,7 +27,7 @@ from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
 from inference import evaluate, load_model, shipped_checkpoint
 from processes import Processes, StopRequest, launch_command
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
-from training_state import TrainingState, amp_settings, check_resumable, update_ema
+from training_state import TrainingState, amp_settings, check_resumable, optimizer_steps, update_ema
 from utils import (
     HelpFormatter,
     UserError,
@@ -169,7 +169,7 @@ def train_epoch(state: TrainingState, ddp_model: nn.Module, patches: TrainingPat
             loss = train_step(ddp_model, state.optimizer, inputs, targets, args["loss_border"], chunk, autocast,
                               state.scaler)
             if state.ema is not None:
-                update_ema(state.ema, state.model, args["ema_decay"])
+                update_ema(state.ema, state.model, args["ema_decay"], optimizer_steps(state.optimizer))
             loss_sum += loss * len(batches[i])
             bar.update()
             done, seconds = i + 1, time.perf_counter() - start

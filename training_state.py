@@ -90,12 +90,21 @@ class TrainingState:
         }
 
 
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, weight by weight: an average over the last
-    ~1 / (1 - decay) steps, steadier than the last step's weights."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, weight by weight: an average over the last ~1 / (1 - decay)
+    steps, steadier than the last step's weights. Before `step` (the optimizer steps taken) nears
+    1 / (1 - decay), d = (1 + step) / (10 + step) instead, as in TensorFlow's ExponentialMovingAverage,
+    so that the average forgets the initial weights within the first steps."""
+    d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for average, weight in zip(ema.parameters(), model.parameters(), strict=True):
-            average.lerp_(weight, 1 - decay)
+            average.lerp_(weight, 1 - d)
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The steps Adam has taken, kept in its state and so in every checkpoint."""
+    first = optimizer.param_groups[0]["params"][0]
+    return int(optimizer.state[first]["step"]) if first in optimizer.state else 0
 
 
 def amp_settings(args: dict, device: torch.device) -> tuple[contextlib.AbstractContextManager | None,
