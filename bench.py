@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from inference import engine_for, enhance, export_onnx, load_model, onnx_model, super_resolve_image
 from model import SRCNN
-from train import CPU_CHUNK, make_batch, train_step
+from train import cpu_chunk, make_batch, train_step
 from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
@@ -81,7 +81,7 @@ def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device)
     start = time.perf_counter()
     for index in torch.randperm(len(inputs), device=device).split(BATCH):
         x, y = make_batch(inputs, targets, index, 0)
-        train_step(model, optimizer, x, y, chunk=CPU_CHUNK if device.type == "cpu" else None)
+        train_step(model, optimizer, x, y, chunk=cpu_chunk(PATCH) if device.type == "cpu" else None)
     synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 

@@ -38,7 +38,7 @@ from utils import (
     writable_folder,
 )
 
-CPU_CHUNK = 32  # patches per forward/backward pass on a CPU (see train_step)
+CPU_CHUNK_PIXELS = 32 * 33 * 33  # patch pixels per forward/backward pass on a CPU (see cpu_chunk)
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
 
 
@@ -46,13 +46,13 @@ CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the 
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               border: int = 0, chunk: int | None = CPU_CHUNK,
+               border: int = 0, chunk: int | None = None,
                autocast: contextlib.AbstractContextManager | None = None,
                scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One MSE/Adam update on a batch; its loss (`border` pixels in from the patch edges) as a tensor
     on the device, so that nothing waits for the device. `chunk` patches pass at a time with the
-    gradients summed: the same update, but on a CPU the activations stay in cache (1.5x faster at
-    batch 128); None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision
+    gradients summed: the same update, but on a CPU the activations stay in cache (see cpu_chunk);
+    None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision
     context; `scaler`: the fp16 loss scaler."""
     optimizer.zero_grad(set_to_none=True)
     size = chunk or len(inputs)
@@ -75,6 +75,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     else:
         optimizer.step()
     return total
+
+
+def cpu_chunk(patch_size: int) -> int:
+    """Patches per forward/backward pass on a CPU: passes of about 35k pixels keep the activations in
+    cache; passes of 74k ran 1.25-1.4x slower at 48x48 and 96x96 patches, 147k (batch 128 of 33x33
+    whole) 1.5x slower."""
+    return max(1, CPU_CHUNK_PIXELS // patch_size**2)
 
 
 def make_batch(inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
@@ -155,7 +162,7 @@ def train_epoch(state: TrainingState, ddp_model: nn.Module, patches: TrainingPat
     patches.new_epoch(state.generator, move_grid=args["fresh_crops"])
     batches = processes.share(len(patches), args["batch_size"], args["seed"], state.epoch)
     transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=state.generator)
-    chunk = CPU_CHUNK if processes.device.type == "cpu" else None
+    chunk = cpu_chunk(args["patch_size"]) if processes.device.type == "cpu" else None
     loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
                             device=processes.device)  # summed on the device: no wait for it per step
     start = time.perf_counter() - position["seconds"]

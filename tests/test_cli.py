@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import ROOT, assert_clean_error, run
 from data import downscale
-from train import learning_rate
+from model import SRCNN
+from train import cpu_chunk, learning_rate, train_step
 from utils import load_checkpoint, save_checkpoint
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
@@ -210,3 +211,20 @@ def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
     assert all(a <= b for a, b in zip(rates, rates[1:], strict=False))
     cosine = [learning_rate({**args, "lr_decay": "cosine"}, step / 100) for step in range(1000)]
     assert max(cosine) <= 1e-3 and cosine[-1] >= 1e-6
+
+
+def test_a_chunked_step_is_the_whole_batch_step():
+    assert [cpu_chunk(size) for size in (33, 48, 96, 400)] == [32, 15, 3, 1]  # about 35k pixels a pass
+    torch.manual_seed(0)
+    inputs, targets = torch.rand(2, 8, 3, 20, 20)
+    results = []
+    for size in (None, 3):  # 8 patches whole, and in passes of 3, 3 and 2
+        torch.manual_seed(1)
+        model = SRCNN()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient, scale and all
+        loss = train_step(model, optimizer, inputs, targets, chunk=size)
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (whole_loss, whole), (chunked_loss, chunked) = results
+    assert torch.allclose(whole_loss, chunked_loss, rtol=1e-5)
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
