@@ -79,8 +79,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
 
 def cpu_chunk(patch_size: int) -> int:
     """Patches per forward/backward pass on a CPU: passes of about 35k pixels keep the activations in
-    cache; passes of 74k ran 1.25-1.4x slower at 48x48 and 96x96 patches, 147k (batch 128 of 33x33
-    whole) 1.5x slower."""
+    cache; passes of 74k ran the step 1.25-1.4x slower at 48x48 and 96x96 patches (docs/speed.md)."""
     return max(1, CPU_CHUNK_PIXELS // patch_size**2)
 
 
