@@ -4,16 +4,18 @@
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from data import load_pairs
 from inference import evaluate, load_model
 from report_html import write_report
 from utils import UserError, choose_device, writable_folder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EVALUATION_SETS = ("Set5", "Set14", "BSD100")
 ZOOM_DB = 0.3  # the PSNR panel that shows late gains spans this far below the best score
@@ -123,7 +125,15 @@ def print_minutes_to_reach(summaries: list[dict], targets: list[float]) -> None:
               + f"   {final}")
 
 
-def save_figure(figure: Figure, path: Path) -> None:
+def new_figure(width: float, height: float) -> "Figure":
+    """A matplotlib figure. matplotlib is imported here, at the first plot, so that training,
+    evaluation and a plain `inspect` start without it (about half a second sooner)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(figure: "Figure", path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
@@ -134,13 +144,15 @@ def save_figure(figure: Figure, path: Path) -> None:
 def plot_history(summary: dict, path: Path) -> None:
     """Loss and PSNR per epoch, with a dashed line where each recorded resume began; for a run
     long enough to show late gains (ZOOM_EPOCHS), a third panel: the PSNR within ZOOM_DB of the best."""
+    from matplotlib.ticker import MaxNLocator
+
     history = summary["history"]
     epochs = [h["epoch"] for h in history]
     psnrs = [h["psnr"] for h in history]
     best = max(psnrs)
     eval_set = summary["args"].get("eval_set", "evaluation set")
     zoom = len(history) >= ZOOM_EPOCHS
-    figure = Figure(figsize=(15 if zoom else 10, 4.5), layout="constrained")
+    figure = new_figure(15 if zoom else 10, 4.5)
     panels = figure.subplots(1, 3 if zoom else 2)
     loss_axes, psnr_axes = panels[:2]
     loss_axes.semilogy(epochs, [h["loss"] for h in history], color="tab:blue")
@@ -168,7 +180,9 @@ def plot_runs(summaries: list[dict], path: Path) -> None:
     """The evaluation PSNR of several runs against their minutes of training (the sum of the
     epochs' seconds, evaluation left out; a log scale, so that both the first minutes and hours
     show), one line each: which recipe gets where, how fast."""
-    figure = Figure(figsize=(10, 5.5), layout="constrained")
+    from matplotlib.ticker import ScalarFormatter
+
+    figure = new_figure(10, 5.5)
     axes = figure.subplots()
     for summary in summaries:
         history = summary["history"]
@@ -195,7 +209,7 @@ def plot_filters(weight: torch.Tensor, path: Path) -> None:
     patches = ((weight - low) / spread).permute(0, 2, 3, 1).numpy()  # N x 9 x 9 x RGB in [0, 1]
     columns = math.ceil(math.sqrt(len(patches)))
     rows = math.ceil(len(patches) / columns)
-    figure = Figure(figsize=(columns * 0.8, rows * 0.8 + 0.4), layout="constrained")
+    figure = new_figure(columns * 0.8, rows * 0.8 + 0.4)
     figure.suptitle(f"first-layer filters ({len(patches)} of {weight.shape[2]}x{weight.shape[3]}, RGB)")
     for i, axes in enumerate(figure.subplots(rows, columns).flat):
         axes.set_axis_off()
