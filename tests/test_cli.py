@@ -1,4 +1,5 @@
-"""The CLIs end to end, through subprocesses, as a user runs them."""
+"""The CLIs end to end as a user runs them: in a fresh process where that is what a test is about,
+else in this one (the `cli` fixture), which saves each call the start-up of torch."""
 
 import json
 import subprocess
@@ -37,13 +38,13 @@ def test_train_writes_every_checkpoint_loadable_with_weights_only(trained):
         assert set(state["history"][0]) == {"epoch", "loss", "psnr", "ssim", "seconds", "patches_per_s", "lr"}
 
 
-def test_inspect_text_json_and_plot(trained, tmp_path):
+def test_inspect_text_json_and_plot(cli, trained, tmp_path):
     text = run("train.py", "inspect", str(trained / "last.pth"))
     assert text.returncode == 0 and "20,099 parameters" in text.stdout and "lr" in text.stdout
-    plot = run("train.py", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "plots" / "curve.png"))
+    plot = cli("train", "inspect", str(trained / "last.pth"), "--plot", str(tmp_path / "plots" / "curve.png"))
     assert plot.returncode == 0 and plot.stdout == f"plot written to {tmp_path / 'plots' / 'curve.png'}\n"
     assert Image.open(tmp_path / "plots" / "curve.png").size == (1000, 450)  # loss, PSNR: too short for a zoom
-    result = run("train.py", "inspect", str(trained / "last.pth"), "--json")
+    result = cli("train", "inspect", str(trained / "last.pth"), "--json")
     summary = json.loads(result.stdout)
     assert summary["epoch"] == 1 and summary["parameters"] == 20_099
     assert summary["args"]["batch_size"] == 8 and len(summary["history"]) == 1
@@ -98,7 +99,7 @@ def test_filters_picture_is_drawn_from_the_weights(cli, trained, tmp_path):
                            "--filters", str(tmp_path / "c.png")), "one checkpoint")
 
 
-def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
+def test_resume_overrides_only_given_flags(cli, trained, tmp_path):
     result = run("train.py", "resume", str(trained / "last.pth"), "--num-epoch", "2",
                  "--checkpoint-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -110,22 +111,22 @@ def test_resume_overrides_only_given_flags(trained, mini_root, tmp_path):
     assert state["commands"][1]["command"] == (
         f"python train.py resume {trained / 'last.pth'} --num-epoch 2 --checkpoint-dir {tmp_path}"
     )
-    shown = run("train.py", "inspect", str(tmp_path / "last.pth")).stdout
+    shown = cli("train", "inspect", str(tmp_path / "last.pth")).stdout
     assert f"from epoch 1: python train.py resume {trained / 'last.pth'}" in shown
 
 
-def test_evaluate_reports_bicubic_and_model(trained, mini_root):
+def test_evaluate_reports_bicubic_and_model(cli, trained, mini_root):
     result = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root), "--sets", "Set5")
     assert result.returncode == 0, result.stderr
     assert "bicubic" in result.stdout and "Set5" in result.stdout and "pil bicubic" in result.stdout
     assert "Set5 SRCNN:" in result.stderr and "/2 [" in result.stderr  # a progress bar for each set, on stderr
-    found = run("train.py", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root),
+    found = cli("train", "evaluate", str(trained / "best.pth"), "--data-root", str(mini_root),
                 "--degradation", "matlab")  # every evaluation set found in the data root: here Set5 alone
     assert found.returncode == 0 and "matlab bicubic" in found.stdout
     assert [line.split()[0] for line in found.stdout.splitlines()[2:]] == ["Set5"]
 
 
-def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
+def test_super_resolve_with_ground_truth(cli, trained, mini_root, tmp_path):
     hr = Image.open(mini_root / "Set5" / "scene3.png")
     downscale(hr, 3).save(tmp_path / "lr.bmp")
     result = run("super_resolve.py", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
@@ -134,19 +135,19 @@ def test_super_resolve_with_ground_truth(trained, mini_root, tmp_path):
     out = Image.open(tmp_path / "lr_srcnn_x3.png")
     assert out.size == (60, 60) and out.mode == "RGB"
     assert "bicubic" in result.stdout and "srcnn" in result.stdout and "PSNR" in result.stdout
-    matlab = run("super_resolve.py", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
+    matlab = cli("super_resolve", "--checkpoint", str(trained / "best.pth"), str(tmp_path / "lr.bmp"),
                  "--degradation", "matlab", "--output", str(tmp_path / "matlab.png"))
     assert matlab.returncode == 0, matlab.stderr
     assert out.tobytes() != Image.open(tmp_path / "matlab.png").tobytes()  # another bicubic before the network
 
 
-def test_resume_is_exact(mini_root, tmp_path):
-    """2 epochs in one run == 1 epoch + resume for 1, bit for bit (augmentation, fresh crops and
-    the weights' moving average on): both the averaged and the training weights."""
+def test_resume_is_exact(cli, mini_root, tmp_path):
+    """2 epochs in one run == 1 epoch + resume for 1 in a fresh process, bit for bit (augmentation,
+    fresh crops and the weights' moving average on): both the averaged and the training weights."""
     flags = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops", "--ema-decay", "0.9",
              "--data-root", str(mini_root))
-    assert run("train.py", "train", *flags, "--num-epoch", "2", "--checkpoint-dir", str(tmp_path / "a")).returncode == 0
-    assert run("train.py", "train", *flags, "--num-epoch", "1", "--checkpoint-dir", str(tmp_path / "b")).returncode == 0
+    assert cli("train", "train", *flags, "--num-epoch", "2", "--checkpoint-dir", str(tmp_path / "a")).returncode == 0
+    assert cli("train", "train", *flags, "--num-epoch", "1", "--checkpoint-dir", str(tmp_path / "b")).returncode == 0
     result = run("train.py", "resume", str(tmp_path / "b" / "last.pth"), "--num-epoch", "2")
     assert result.returncode == 0, result.stderr
     a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)
@@ -156,14 +157,16 @@ def test_resume_is_exact(mini_root, tmp_path):
     assert not torch.equal(a["model"]["conv1.weight"], a["training_weights"]["conv1.weight"])
 
 
-def test_the_recipe_run_twice_gives_the_same_weights(mini_root, tmp_path):
-    """A short version of the x3 recipe (docs/training.md), twice: seeded and deterministic on the CPU."""
+def test_the_recipe_run_twice_gives_the_same_weights(cli, mini_root, tmp_path):
+    """A short version of the x3 recipe (docs/training.md), twice: seeded and deterministic on the CPU,
+    in a fresh process and in this one, after whatever the tests before it left behind."""
     recipe = ("--lr", "1e-3", "--lr-decay", "cosine", "--min-lr", "1e-5", "--batch-size", "32", "--patch-size", "48",
               "--stride", "21", "--zooms", "1", "0.9", "0.8", "--augment", "--fresh-crops", "--ema-decay", "0.9998",
               "--num-epoch", "1", "--data-root", str(mini_root))
-    for name in ("a", "b"):
-        result = run("train.py", "train", *recipe, "--checkpoint-dir", str(tmp_path / name))
-        assert result.returncode == 0, result.stderr
+    result = run("train.py", "train", *recipe, "--checkpoint-dir", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    result = cli("train", "train", *recipe, "--checkpoint-dir", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
     a, b = (torch.load(tmp_path / name / "last.pth", weights_only=True) for name in ("a", "b"))
     for key in ("model", "training_weights"):  # the moving average and the weights it averages
         assert a[key].keys() == b[key].keys()
@@ -173,9 +176,9 @@ def test_the_recipe_run_twice_gives_the_same_weights(mini_root, tmp_path):
     assert [h["psnr"] for h in a["history"]] == [h["psnr"] for h in b["history"]]
 
 
-def test_version_flags():
-    for script in ("train.py", "super_resolve.py"):
-        result = run(script, "--version")
+def test_version_flags(cli):
+    for module in ("train", "super_resolve"):
+        result = cli(module, "--version")
         assert result.returncode == 0 and "srcnn" in result.stdout and "Dong" in result.stdout
 
 

@@ -13,7 +13,7 @@ import resize_right
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_clean_error, find_real_data, run
+from conftest import ROOT, assert_clean_error, find_real_data
 from data import TrainingPatches, degrade, download, list_images, load_pairs, matlab_resize, modcrop, read_manifest
 from utils import UserError, current_umask
 
@@ -83,10 +83,10 @@ def data_server(real_data, tmp_path):
     server.shutdown()
 
 
-def test_download_fetches_verifies_and_skips(data_server, tmp_path):
+def test_download_fetches_verifies_and_skips(cli, data_server, tmp_path):
     url, _ = data_server
     root = tmp_path / "datasets"
-    result = run("data.py", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    result = cli("data", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
     assert result.returncode == 0, result.stderr
     rows = [r for r in read_manifest() if r["dataset"] == "Set5"]
     assert sorted(p.name for p in (root / "Set5").iterdir()) == sorted(r["file"] for r in rows)
@@ -94,30 +94,30 @@ def test_download_fetches_verifies_and_skips(data_server, tmp_path):
     assert download(root, ["Set5"], url) == 0  # everything verified: nothing fetched again
 
 
-def test_download_rejects_corrupt_file(data_server, tmp_path):
+def test_download_rejects_corrupt_file(cli, data_server, tmp_path):
     url, served = data_server
     victim = served / "Set5" / "bird.png"
     data = bytearray(victim.read_bytes())
     data[1000] ^= 0xFF
     victim.write_bytes(bytes(data))
     root = tmp_path / "datasets"
-    result = run("data.py", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    result = cli("data", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
     assert_clean_error(result, "sha256", "bird.png")
     assert not (root / "Set5" / "bird.png").exists()
     assert not list((root / "Set5").glob(".*part"))
 
 
-def test_download_unreachable_server_says_how_to_work_offline_and_leaves_no_empty_folder(tmp_path):
+def test_download_unreachable_server_says_how_to_work_offline_and_leaves_no_empty_folder(cli, monkeypatch, tmp_path):
     root = tmp_path / "datasets"
-    result = run("data.py", "download", "--root", str(root), "--sets", "Set5",
-                 env={"SRCNN_DATA_URL": f"http://127.0.0.1:{closed_port()}"})
+    monkeypatch.setenv("SRCNN_DATA_URL", f"http://127.0.0.1:{closed_port()}")
+    result = cli("data", "download", "--root", str(root), "--sets", "Set5")
     assert_clean_error(result, "--data-root", "is the mirror at")
     assert not root.exists()
 
 
-def test_download_from_a_mirror_that_does_not_answer_says_so(tmp_path):
+def test_download_from_a_mirror_that_does_not_answer_says_so(cli, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
-    result = run("data.py", "download", "--root", str(tmp_path / "datasets"), "--sets", "Set5", "--base-url", url)
+    result = cli("data", "download", "--root", str(tmp_path / "datasets"), "--sets", "Set5", "--base-url", url)
     assert_clean_error(result, f"is the mirror at {url} running?", "--data-root")
     assert "Offline?" not in result.stderr
 
@@ -134,11 +134,12 @@ def test_tests_without_the_sets_fail_in_one_line_each(tmp_path):
     assert "the data sets T91, Set5, Set14, BSD100 are neither in" in result.stdout, result.stdout
 
 
-def test_the_fix_for_a_missing_set_works_from_another_folder(data_server, tmp_path):
+def test_the_fix_for_a_missing_set_works_from_another_folder(cli, monkeypatch, data_server, tmp_path):
     url, _ = data_server
     work = tmp_path / "elsewhere"
     work.mkdir()
-    result = run("train.py", "train", "--data-root", "datasets", "--train-set", "Set5", cwd=work)
+    monkeypatch.chdir(work)
+    result = cli("train", "train", "--data-root", "datasets", "--train-set", "Set5")
     assert_clean_error(result, "fix: python")
     fix = result.stderr.split("fix: ")[1].split(")")[0]
     assert fix.startswith(f"python {ROOT / 'data.py'} download --root datasets --sets Set5"), fix

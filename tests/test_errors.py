@@ -135,10 +135,10 @@ def test_unwritable_output_or_comparison_is_refused_before_any_work(cli, weights
     assert result.stdout == "" and not (tmp_path / "o.png").exists()
 
 
-def test_download_into_a_folder_that_cannot_be_made(tmp_path):
+def test_download_into_a_folder_that_cannot_be_made(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
-    result = run("data.py", "download", "--root", str(blocker / "datasets"), "--sets", "Set5")
+    result = cli("data", "download", "--root", str(blocker / "datasets"), "--sets", "Set5")
     assert result.returncode == 2
     assert_clean_error(result, f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "a file where a folder should be" and list(tmp_path.iterdir()) == [blocker]
@@ -152,7 +152,7 @@ def test_a_scale_without_a_model_says_how_each_command_takes_one(cli, mini_root)
     assert_clean_error(upscaled, "no model is shipped for x5", "--checkpoint CKPT")
     for scale in ("0", "1", "-3"):
         assert_clean_error(cli("super_resolve", "--scale", scale, "lr.png"), "--scale must be at least 2", "x2, x3, x4")
-    assert "x2, x3 and x4" in run("super_resolve.py", "--version").stdout
+    assert "x2, x3 and x4" in cli("super_resolve", "--version").stdout
 
 
 def test_a_run_that_fails_before_its_first_save_leaves_no_folder(cli, mini_root, tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import train
 from conftest import run
 from data import load_pairs
 from inference import evaluate, load_model
@@ -20,9 +21,8 @@ CHROMIUM = os.environ.get("SRCNN_CHROMIUM") or shutil.which("chromium") or shuti
 def report(mini_root, tmp_path_factory):
     """A checkpoint with a history (one epoch on the tiny data root), and its report with the x8 column."""
     out = tmp_path_factory.mktemp("report")
-    trained = run("train.py", "train", "--num-epoch", "1", "--batch-size", "8", "--data-root", str(mini_root),
-                  "--checkpoint-dir", str(out / "run"))
-    assert trained.returncode == 0, trained.stderr
+    assert train.main(["train", "--num-epoch", "1", "--batch-size", "8", "--data-root", str(mini_root),
+                       "--checkpoint-dir", str(out / "run")]) == 0  # in this process: no start-up of torch
     result = run("train.py", "evaluate", str(out / "run" / "last.pth"), "--data-root", str(mini_root),
                  "--sets", "Set5", "--self-ensemble", "--report", str(out / "page"))
     assert result.returncode == 0, result.stderr
