@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean_error, run
+from conftest import ROOT, assert_clean_error
 
 FAST = ("--batch-size", "2", "--lr", "1e-3", "--save-freq", "1")
 
@@ -67,7 +67,7 @@ for trial in range({trials}):
 """
 
 
-def test_kill_minus_9_at_random_moments(mini_root, tmp_path):
+def test_kill_minus_9_at_random_moments(cli, mini_root, tmp_path):
     out, snapshots = tmp_path / "ck", tmp_path / "snapshots"
     train_args = ["train", *FAST, "--num-epoch", "10000", "--data-root", str(mini_root), "--checkpoint-dir", str(out)]
     code = KILL_TRIALS.format(root=str(ROOT), out=str(out), trials=10, train_args=train_args,
@@ -79,7 +79,7 @@ def test_kill_minus_9_at_random_moments(mini_root, tmp_path):
         assert_checkpoints_sound(trial)
     epoch = torch.load(out / "last.pth", weights_only=True)["epoch"]
     assert epoch >= 1
-    result = run("train.py", "resume", str(out / "last.pth"), "--num-epoch", str(epoch + 1))
+    result = cli("train", "resume", str(out / "last.pth"), "--num-epoch", str(epoch + 1))
     assert result.returncode == 0, result.stderr
 
 
