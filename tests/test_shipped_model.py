@@ -21,9 +21,15 @@ def test_shipped_checkpoint_records_how_it_was_made(scale):
     assert checkpoint["position"] is None, "a mid-epoch (interrupted) checkpoint was shipped"
     assert [h["epoch"] for h in checkpoint["history"]] == list(range(1, checkpoint["epoch"] + 1))
     assert checkpoint["optimizer"]["state"], "no optimizer state: resume could not continue it"
+    first, *resumed = checkpoint["commands"]  # one command: a resume may continue it but change nothing
+    assert first["epoch"] == 0 and first["command"].startswith("python train.py train ")
+    if scale == 3:  # from scratch; x2 and x4 start from its weights
+        assert "--init" not in first["command"]
+    else:
+        assert f"--scale {scale}" in first["command"]
+    assert all(c["command"].split()[:3] == ["python", "train.py", "resume"] and len(c["command"].split()) == 4
+               for c in resumed)
     assert [c["epoch"] for c in checkpoint["commands"]] == sorted(c["epoch"] for c in checkpoint["commands"])
-    if scale != 3:  # recorded from the first command on
-        assert checkpoint["commands"][0]["epoch"] == 0 and f"--scale {scale}" in checkpoint["commands"][0]["command"]
 
 
 @pytest.mark.parametrize("scale", sorted(SHIPPED))
