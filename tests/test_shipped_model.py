@@ -26,7 +26,7 @@ def test_shipped_checkpoint_records_how_it_was_made(scale):
     if scale == 3:  # from scratch; x2 and x4 start from its weights
         assert "--init" not in first["command"]
     else:
-        assert f"--scale {scale}" in first["command"]
+        assert f"--scale {scale}" in first["command"] and "--init checkpoint.pth" in first["command"]
     assert all(c["command"].split()[:3] == ["python", "train.py", "resume"] and len(c["command"].split()) == 4
                for c in resumed)
     assert [c["epoch"] for c in checkpoint["commands"]] == sorted(c["epoch"] for c in checkpoint["commands"])
