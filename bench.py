@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from inference import engine_for, enhance, export_onnx, load_model, onnx_model, super_resolve_image
+from checkpoint import load_model
+from inference import enhance, super_resolve_image
 from model import SRCNN
-from train import cpu_chunk, make_batch, train_step
+from onnx_engine import engine_for, export_onnx, onnx_model
+from train import cpu_chunk, make_batch, mixed_precision, train_step
 from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
@@ -76,12 +78,13 @@ def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device)
     """train.py's own path: uint8 patches held on the device, make_batch, channels_last, train_step."""
     model = SRCNN().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    autocast, scaler = mixed_precision({"amp": "off"}, device)  # float32, as train.py trains by default
     inputs, targets = inputs.to(device), targets.to(device)
     synchronize(device)
     start = time.perf_counter()
     for index in torch.randperm(len(inputs), device=device).split(BATCH):
         x, y = make_batch(inputs, targets, index, 0)
-        train_step(model, optimizer, x, y, chunk=cpu_chunk(PATCH) if device.type == "cpu" else None)
+        train_step(model, optimizer, x, y, autocast, scaler, chunk=cpu_chunk(PATCH) if device.type == "cpu" else None)
     synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 

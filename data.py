@@ -1,35 +1,22 @@
-"""Images on disk: loading, the degradation, training patches, evaluation sets, downloading.
+"""Images: reading them from disk and writing them, as tensors, the degradation (bicubic down
+and up), the evaluation pairs and the training patches.
 
-Run `python data.py download` to fetch the data sets listed in datasets.tsv.
+Run `python data.py download` to fetch the data sets listed in datasets.tsv (download.py).
 """
 
-import argparse
-import contextlib
-import csv
-import hashlib
-import http.client
-import os
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
-from utils import HelpFormatter, UserError, check_writable, current_umask, image_to_tensor, run_cli
+from download import known_sets
+from files import atomic_write, cannot_write, check_writable
+from utils import UserError, run_cli
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
-MANIFEST = Path(__file__).with_name("datasets.tsv")
-DEFAULT_DATA_ROOT = "datasets"
-
-
-def default_data_root() -> str:
-    return os.environ.get("SRCNN_DATA_ROOT", DEFAULT_DATA_ROOT)
+PNG_COMPRESS_LEVEL = 3  # zlib level of written PNGs: a third of the default's time, files as small (docs/speed.md)
 
 
 # ---------------------------------------------------------------- images
@@ -73,6 +60,44 @@ def to_8bit_gray(image: Image.Image) -> Image.Image:
     array = np.asarray(image, dtype=np.float64)
     peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
     return Image.fromarray(np.clip(np.round(array / peak * 255), 0, 255).astype(np.uint8))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An 8-bit PIL image (L or RGB) as a uint8 C x H x W tensor (a view of H x W x C memory)."""
+    array = np.array(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the 256 levels a saved 8-bit image has, as uint8."""
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """A 1- or 3-channel tensor in [0, 1] (or uint8) as an 8-bit PIL image."""
+    if x.dtype != torch.uint8:
+        x = quantize(x)
+    array = x.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write an image with Pillow in the format its suffix names (PNG at PNG_COMPRESS_LEVEL)."""
+    check_writable(path, "image")
+    suffix = path.suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format is None:
+        raise cannot_write(path, f"unknown file extension {path.suffix!r}")
+    if suffix in (".jpg", ".jpeg") and image.mode in ("RGBA", "LA"):
+        image = image.convert(image.mode[:-1])
+    with atomic_write(path) as f:
+        try:
+            image.save(f, format=image_format, **({"compress_level": PNG_COMPRESS_LEVEL} if suffix == ".png" else {}))
+        except (ValueError, KeyError) as err:
+            raise cannot_write(path, err) from None
+
 
 
 # ---------------------------------------------------------------- the degradation
@@ -249,122 +274,7 @@ class TrainingPatches:
         return len(self.inputs)
 
 
-# ---------------------------------------------------------------- downloading
+if __name__ == "__main__":  # `python data.py download`: the command line of download.py
+    import download
 
-
-def read_manifest() -> list[dict]:
-    with open(MANIFEST, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def known_sets() -> list[str]:
-    return sorted({row["dataset"] for row in read_manifest()})
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_verified(path: Path, size: int, sha256: str) -> bool:
-    return path.is_file() and path.stat().st_size == size and sha256_of(path) == sha256
-
-
-COPY_HINT = "copy the sets into a folder and pass --data-root DIR"
-OFFLINE_HINT = f"Offline? Fetch from a mirror with --base-url URL (or SRCNN_DATA_URL), or {COPY_HINT}"
-
-
-def make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir()
-    except OSError as err:
-        raise UserError(f"cannot create folder {folder}: {err.strerror or err}") from None
-
-
-def fetch(url: str, dest: Path, size: int, sha256: str, hint: str = OFFLINE_HINT, timeout: float = 30.0) -> None:
-    """Stream `url` into a temporary file beside `dest`, check size and sha256, rename into place.
-    `hint`: what to try when `url` cannot be reached."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        digest, received = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(1 << 16), b""):
-                received += len(block)
-                if received > size:
-                    break
-                digest.update(block)
-                f.write(block)
-        if received != size:
-            raise UserError(f"{url}: got {received} bytes, expected {size}; the bad file was not kept")
-        if digest.hexdigest() != sha256:
-            raise UserError(f"{url}: sha256 mismatch (corrupt download); the bad file was not kept")
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a data file is an ordinary file
-        os.replace(tmp, dest)
-    except urllib.error.HTTPError as err:  # the server answered, but not with the file (404, 500, redirect loop)
-        raise UserError(f"cannot download {url}: HTTP {err.code} {err.reason}") from None
-    except http.client.HTTPException as err:  # e.g. the connection closed mid-file
-        raise UserError(f"cannot download {url}: {type(err).__name__}; the partial file was not kept") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-        raise UserError(f"cannot download {url}: {reason}. {hint}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def download(root: str | Path, sets: list[str], base_url: str | None = None) -> int:
-    """Fetch the files of `sets` into root/<set>/, skipping those already verified."""
-    rows = [row for row in read_manifest() if row["dataset"] in sets]
-    unknown = set(sets) - {row["dataset"] for row in rows}
-    if unknown:
-        raise UserError(f"unknown data set(s) {', '.join(sorted(unknown))}; known: {', '.join(known_sets())}")
-    fetched, created = 0, []
-    try:
-        for row in tqdm(rows, desc="download", unit="file"):
-            dest = Path(root) / row["dataset"] / row["file"]
-            size, sha256 = int(row["bytes"]), row["sha256"]
-            if is_verified(dest, size, sha256):
-                continue
-            check_writable(dest, "data file")
-            for folder in reversed(dest.parents):  # made top down, remembered to remove if left empty
-                if not folder.is_dir():
-                    make_folder(folder)
-                    created.append(folder)
-            url = f"{base_url.rstrip('/')}/{row['dataset']}/{row['file']}" if base_url else row["source_url"]
-            fetch(url, dest, size, sha256, f"Is the mirror at {base_url} running? Or {COPY_HINT}" if base_url
-                  else OFFLINE_HINT)
-            fetched += 1
-    except BaseException:
-        for folder in reversed(created):  # a failed first download leaves no empty folders behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return fetched
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Data sets for SRCNN.", formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    get = sub.add_parser("download", help="fetch and verify the data sets listed in datasets.tsv",
-                         formatter_class=HelpFormatter)
-    get.add_argument("--root", default=default_data_root(), help="folder to fill (env SRCNN_DATA_ROOT)")
-    get.add_argument("--sets", nargs="+", default=known_sets(), help="which sets")
-    get.add_argument(
-        "--base-url",
-        help="fetch <base-url>/<set>/<file> instead of the manifest's URLs, e.g. from a local mirror "
-        "(default: $SRCNN_DATA_URL if set, else the manifest's URLs)",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    fetched = download(args.root, args.sets, args.base_url or os.environ.get("SRCNN_DATA_URL"))
-    print(f"{fetched} file(s) fetched; {', '.join(args.sets)} verified in {args.root}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)
+    run_cli(download.main)

@@ -12,9 +12,11 @@ import collections.abc as _abc
 import PIL.Image as _image
 import torch as _torch
 
+import checkpoint as _checkpoint
 import data as _data
 import inference as _inference
 import model as _model
+import onnx_engine as _onnx_engine
 
 dependencies = ["torch", "numpy", "PIL", "tqdm"]
 
@@ -29,9 +31,9 @@ def srcnn(scale: int = 3, pretrained: bool = True) -> _model.SRCNN:
     """
     if not pretrained:
         return _model.SRCNN().eval()
-    if scale not in _inference.SHIPPED:
+    if scale not in _checkpoint.SHIPPED:
         raise ValueError(f"no SRCNN model is shipped for x{scale}; choose scale 2, 3 or 4")
-    return _inference.load_model(_inference.SHIPPED[scale], _torch.device("cpu"), scale)[0]
+    return _checkpoint.load_model(_checkpoint.SHIPPED[scale], _torch.device("cpu"), scale)[0]
 
 
 def upscaler(scale: int = 3, self_ensemble: bool = False, degradation: str = "pil",
@@ -44,9 +46,9 @@ def upscaler(scale: int = 3, self_ensemble: bool = False, degradation: str = "pi
     degradation: the bicubic before the network, "pil" (Pillow's) or "matlab" (MATLAB's imresize).
     engine: "auto" (ONNX Runtime when installed, else PyTorch), "torch" or "onnxruntime".
     """
-    if engine not in _inference.ENGINES or degradation not in _data.DEGRADATIONS:
-        raise ValueError(f"engine must be one of {', '.join(_inference.ENGINES)} and degradation pil or matlab")
-    network = _inference.engine_for(srcnn(scale), engine)
+    if engine not in _onnx_engine.ENGINES or degradation not in _data.DEGRADATIONS:
+        raise ValueError(f"engine must be one of {', '.join(_onnx_engine.ENGINES)} and degradation pil or matlab")
+    network = _onnx_engine.engine_for(srcnn(scale), engine)
 
     def upscale(image: _image.Image) -> _image.Image:
         return _inference.super_resolve_image(network, image, scale, self_ensemble, degradation)

@@ -1,13 +1,11 @@
 """The processes a run trains with: one, or those torchrun starts (DistributedDataParallel).
-Their device, how they split each batch, the collectives through which they agree, stop
-signals, and the command line that started them."""
+Their device, how they split each batch, the collectives through which they agree, and stop
+signals."""
 
 import os
-import shlex
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -138,21 +136,3 @@ def peer_failure(error: BaseException | None) -> bool:
     """Whether `error` is a collective that broke because another process ended (gloo, NCCL)."""
     words = ("gloo", "NCCL", "Connection", "connection", "peer")
     return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(w in str(error) for w in words)
-
-
-def launch_command(argv: list[str]) -> str:
-    """The command line that started this run, for the checkpoint's record: under torchrun the
-    launcher's own (read from /proc on Linux), else `python train.py ...`."""
-    command = "python train.py " + shlex.join(argv)
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return command
-    try:
-        parts = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
-    except (OSError, UnicodeDecodeError):
-        parts = []
-    if not parts:
-        return (f"torchrun --nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')} "
-                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')} train.py {shlex.join(argv)}")
-    if Path(parts[0]).name.startswith("python"):
-        parts = ["torchrun", *parts[2:]] if len(parts) > 1 and parts[1].endswith("torchrun") else ["python", *parts[1:]]
-    return shlex.join(parts)

@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+import checkpoint
 from data import load_pairs
-from inference import evaluate, load_model
+from files import atomic_write, cannot_write, writable_folder
+from metrics import evaluate
+from onnx_engine import engine_for
 from report_html import write_report
-from utils import UserError, choose_device, writable_folder
+from utils import UserError, choose_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,16 +27,16 @@ RUNS_DB = 2.5  # the plot of several runs spans this far below the best score
 HISTORY_SHOWN = 5  # epochs `inspect` lists without --history
 
 
-def summarize(path: str) -> dict:
-    """What `inspect` shows of a checkpoint, as plain data."""
-    _, scale, state = load_model(path, torch.device("cpu"))
+def summarize(path: str, state: dict) -> dict:
+    """What `inspect` shows of the checkpoint `state` read from `path`, as plain data. A bare
+    state_dict has no history, arguments or commands."""
     history = state.get("history", [])
     return {
         "path": path,
         "version": state.get("version"),
-        "scale": scale,
+        "scale": checkpoint.scale_of(state, path),
         "epoch": state.get("epoch"),
-        "parameters": sum(v.numel() for v in state.get("model", state).values()),
+        "parameters": sum(p.numel() for p in checkpoint.model_of(state, path, torch.device("cpu")).parameters()),
         "best_psnr": state.get("best_psnr"),
         "last_psnr": history[-1]["psnr"] if history else None,
         "args": state.get("args", {}),
@@ -74,13 +77,14 @@ def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | Non
     PSNRs); or draw: with `plot` the training curves of one checkpoint, or the PSNR of several
     against training minutes; with `filters` the first layer's filters. A drawing prints only
     where it went."""
-    summaries = [summarize(path) for path in paths]
     if filters and len(paths) > 1:
         raise UserError("--filters draws the filters of one checkpoint; name one")
+    states = [checkpoint.load(path) for path in paths]
+    summaries = [summarize(path, state) for path, state in zip(paths, states, strict=True)]
     if plot and (empty := [s["path"] for s in summaries if not s["history"]]):
         raise UserError(f"{empty[0]} has no training history to plot")
     if filters:
-        plot_filters(load_model(paths[0], torch.device("cpu"))[0].conv1.weight, Path(filters))
+        plot_filters(checkpoint.model_of(states[0], paths[0], torch.device("cpu")).conv1.weight, Path(filters))
         print(f"filters written to {filters}")
     if plot:
         if len(summaries) == 1:
@@ -134,11 +138,12 @@ def new_figure(width: float, height: float) -> "Figure":
 
 
 def save_figure(figure: "Figure", path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+    """Write a figure in the format its suffix names (PNG, SVG, PDF, ...)."""
+    with atomic_write(path) as f:
+        try:
+            figure.savefig(f, format=path.suffix.lstrip(".").lower() or None, dpi=100)
+        except ValueError as err:  # a format matplotlib does not write
+            raise cannot_write(path, err) from None
 
 
 def plot_history(summary: dict, path: Path) -> None:
@@ -224,7 +229,9 @@ def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda:
     `self_ensemble` a column for the x8 ensemble). Without `sets`: every one of EVALUATION_SETS found
     in the data root. With `report`: also the HTML page of report_html.py in that folder."""
     device = choose_device(cuda)
-    model, scale, _ = load_model(path, device, scale)
+    state = checkpoint.load(path)
+    model, scale = checkpoint.model_of(state, path, device), checkpoint.scale_of(state, path, scale)
+    network = engine_for(model)  # on the CPU ONNX Runtime when installed: the engine super_resolve.py uses
     root = Path(data_root)
     sets = sets or [name for name in EVALUATION_SETS if (root / name).is_dir()] or list(EVALUATION_SETS)
     all_pairs = {name: load_pairs(root / name, scale, degradation=degradation) for name in sets}  # all, before output
@@ -237,14 +244,14 @@ def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda:
     keep = report is not None
     for name, pairs in all_pairs.items():
         scores[name] = {"bicubic": evaluate(None, pairs, scale, keep_outputs=keep, progress=f"{name} bicubic"),
-                        "srcnn": evaluate(model, pairs, scale, keep_outputs=keep, progress=f"{name} SRCNN")}
+                        "srcnn": evaluate(network, pairs, scale, keep_outputs=keep, progress=f"{name} SRCNN")}
         if self_ensemble:
-            scores[name]["x8"] = evaluate(model, pairs, scale, self_ensemble=True, keep_outputs=keep,
+            scores[name]["x8"] = evaluate(network, pairs, scale, self_ensemble=True, keep_outputs=keep,
                                           progress=f"{name} SRCNN x8")
         print(f"{name:8s} {len(pairs):6d}" + "".join(f" {s['psnr']:8.2f} / {s['ssim']:.4f}"
                                                      for s in scores[name].values()), flush=True)
     if report:
-        summary = summarize(path)
+        summary = summarize(path, state)
         curve = None
         if summary["history"]:
             plot_history(summary, Path(report) / "training_curve.png")

@@ -14,8 +14,9 @@ from urllib.parse import quote
 import torch
 import torch.nn.functional as F
 
-from data import downscale
-from utils import UserError, image_to_tensor, rgb_to_y, save_image, tensor_to_image
+from data import downscale, image_to_tensor, save_image, tensor_to_image
+from files import atomic_write
+from metrics import rgb_to_y
 
 CROP = 48  # side of the zoomed window in HR pixels (at most a third of the image's shorter side)
 CROP_DISPLAY = 192  # about how wide each zoomed crop is drawn, in pixels
@@ -205,11 +206,10 @@ def write_report(folder: Path, summary: dict, degradation: str, pairs: dict, sco
                  curve: str | None) -> Path:
     """index.html and its pictures in `folder`. `pairs`: set -> (name, bicubic, HR) as load_pairs
     gives; `scores`: set -> kind (bicubic, srcnn[, x8]) -> evaluate's result with outputs kept."""
-    try:
-        index = folder / "index.html"
-        index.write_text(page(folder, summary, degradation, pairs, scores, curve), encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot write the report in {folder}: {err.strerror or err}") from None
+    index = folder / "index.html"
+    text = page(folder, summary, degradation, pairs, scores, curve)
+    with atomic_write(index, "report") as f:
+        f.write(text.encode("utf-8"))
     return index
 
 

@@ -1,4 +1,4 @@
-"""Super-resolve image files with a trained SRCNN: the command line around inference.py.
+"""Super-resolve image files with a trained SRCNN: the command line around inference.py and onnx_engine.py.
 
     python super_resolve.py --checkpoint checkpoint.pth lr.bmp [--output out.png] [--gt hr.png]
 """
@@ -13,19 +13,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
-from data import DEGRADATIONS, IMAGE_SUFFIXES, load_image, modcrop, split_modes, upscale
-from inference import ENGINES, Network, engine_for, export_onnx, load_model, shipped_checkpoint, super_resolve_image
-from utils import (
-    HelpFormatter,
-    UserError,
-    check_writable,
-    choose_device,
-    image_to_tensor,
-    psnr,
-    run_cli,
-    save_image,
-    ssim,
-)
+from checkpoint import load_model, shipped_checkpoint
+from data import DEGRADATIONS, IMAGE_SUFFIXES, image_to_tensor, load_image, modcrop, save_image, split_modes, upscale
+from files import check_writable
+from inference import Network, super_resolve_image
+from metrics import psnr, ssim
+from onnx_engine import ENGINES, engine_for, export_onnx
+from utils import HelpFormatter, UserError, choose_device, run_cli
 
 
 def output_path(input_path: Path, output: str | None, scale: int, many: bool) -> Path:

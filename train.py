@@ -1,18 +1,23 @@
-"""Train SRCNN and resume training; inspect and evaluate checkpoints (reports in report.py).
+"""Train SRCNN and resume training; inspect and evaluate checkpoints (report.py draws and tables them).
 
     python train.py train --lr=0.001 --batch-size=128 --num-epoch=20 --save-freq=2
+    python train.py train @recipes/x3.args        # a shipped model's recipe (recipes/)
     python train.py resume checkpoints/last.pth --num-epoch=200
     python train.py inspect checkpoints/best.pth
     python train.py evaluate checkpoint.pth --sets Set5 Set14
 
-Training reads in phases: restore (TrainingState.from_checkpoint), one epoch of steps
-(train_epoch), the end of the epoch (end_epoch: evaluate, record, save). Under torchrun the
-processes it starts agree, every CHECK_EVERY batches, on whether to go on (processes.py).
+Read top to bottom: one step (train_step, on a batch that make_batch draws, at the rate
+learning_rate gives), then the Trainer, which holds a run (weights, Adam, the moving average,
+mixed precision, where it stands) and runs it batch by batch (run_batch), epoch by epoch
+(run_epoch), evaluating and saving at the end of each (end_epoch, save); then the command line.
+Under torchrun the processes agree, every CHECK_EVERY batches, on whether to go on (processes.py).
 """
 
 import argparse
 import contextlib
+import copy
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,21 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint
 import info
-from data import DEGRADATIONS, TrainingPatches, default_data_root, load_pairs
-from inference import evaluate, load_model, shipped_checkpoint
-from processes import Processes, StopRequest, launch_command
+from data import DEGRADATIONS, TrainingPatches, load_pairs
+from download import default_data_root
+from files import removed_if_left_empty, writable_folder
+from metrics import evaluate
+from model import SRCNN, init_identity_
+from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
-from training_state import TrainingState, amp_settings, check_resumable, optimizer_steps, update_ema
-from utils import (
-    HelpFormatter,
-    UserError,
-    load_checkpoint,
-    removed_if_left_empty,
-    run_cli,
-    save_checkpoint,
-    writable_folder,
-)
+from utils import HelpFormatter, UserError, run_cli, seed_everything
 
 CPU_CHUNK_PIXELS = 32 * 33 * 33  # patch pixels per forward/backward pass on a CPU (see cpu_chunk)
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
@@ -46,14 +46,13 @@ CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the 
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               border: int = 0, chunk: int | None = None,
-               autocast: contextlib.AbstractContextManager | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+               autocast: torch.autocast, scaler: torch.amp.GradScaler, border: int = 0,
+               chunk: int | None = None) -> torch.Tensor:
     """One MSE/Adam update on a batch; its loss (`border` pixels in from the patch edges) as a tensor
     on the device, so that nothing waits for the device. `chunk` patches pass at a time with the
     gradients summed: the same update, but on a CPU the activations stay in cache (see cpu_chunk);
-    None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision
-    context; `scaler`: the fp16 loss scaler."""
+    None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision context and
+    `scaler` the fp16 loss scaler, both disabled but for --amp on CUDA."""
     optimizer.zero_grad(set_to_none=True)
     size = chunk or len(inputs)
     pairs = list(zip(inputs.split(size), targets.split(size), strict=True))
@@ -61,19 +60,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     for i, (x, y) in enumerate(pairs):
         last = i == len(pairs) - 1  # DDP averages gradients across processes once, after the last chunk
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast or contextlib.nullcontext():
+            with autocast:
                 out = model(x)
             out = out.float()
             if border:
                 out, y = out[..., border:-border, border:-border], y[..., border:-border, border:-border]
             loss = F.mse_loss(out, y) * (len(x) / len(inputs))
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.scale(loss).backward()
         total += loss.detach()
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return total
 
 
@@ -109,30 +105,177 @@ def learning_rate(args: dict, progress: float) -> float:
     return lr
 
 
-# ---------------------------------------------------------------- the loop
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, weight by weight: an average over the last ~1 / (1 - decay)
+    steps, steadier than the last step's weights. Before `step` (the optimizer steps taken) nears
+    1 / (1 - decay), d = (1 + step) / (10 + step) instead, as in TensorFlow's ExponentialMovingAverage,
+    so that the average forgets the initial weights within the first steps."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for average, weight in zip(ema.parameters(), model.parameters(), strict=True):
+            average.lerp_(weight, 1 - d)
 
 
-def fit(args: dict, checkpoint: dict | None = None, command: str | None = None) -> int:
-    """Train until args['num_epoch'] epochs are done, from scratch or from `checkpoint`. Under
-    torchrun each process trains on its share of every batch (DDP); rank 0 evaluates and saves."""
-    out_dir = Path(args["checkpoint_dir"])
-    with removed_if_left_empty(out_dir), Processes.start(args["cuda"], args["batch_size"]) as processes:
-        patches, eval_pairs = processes.agree(load_data, args, processes)
-        autocast, scaler = amp_settings(args, processes.device)
-        state = TrainingState.from_checkpoint(args, processes.device, checkpoint, command, scaler)
-        ddp_model = processes.wrap(state.model)
-        processes.say(f"training on {len(patches)} patches of {args['patch_size']}x{args['patch_size']} from "
-                      f"{Path(args['data_root']) / args['train_set']}, {processes}, "
-                      f"epochs {state.epoch + 1}..{args['num_epoch']}")
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The steps Adam has taken, kept in its state and so in every checkpoint."""
+    first = optimizer.param_groups[0]["params"][0]
+    return int(optimizer.state[first]["step"]) if first in optimizer.state else 0
+
+
+def mixed_precision(args: dict, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """(the forward pass's autocast, the loss scaler) for --amp: bf16 autocast, or fp16 autocast with
+    a loss scaler, on CUDA; both present and disabled otherwise."""
+    amp = args.get("amp", "off")
+    if amp != "off" and device.type != "cuda":
+        print("note: --amp applies to CUDA only; training on the CPU in float32", file=sys.stderr)
+    on = amp != "off" and device.type == "cuda"
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return (torch.autocast(device.type, dtype=dtype, enabled=on),
+            torch.amp.GradScaler(device.type, enabled=on and dtype == torch.float16))
+
+
+# ---------------------------------------------------------------- a run
+
+
+class Trainer:
+    """One training run in one process: the data, the weights Adam trains (wrapped in DDP under
+    torchrun), the moving average that is evaluated and saved (--ema-decay), mixed precision, the
+    generator of every random draw of crops, batch flips and rotations, and the run's progress.
+    Process 0 ("main") alone evaluates, prints and writes checkpoints."""
+
+    def __init__(self, args: dict, processes: Processes, resumed: dict | None = None,
+                 init_weights: dict | None = None, command: str | None = None) -> None:
+        self.args, self.processes, self.out_dir = args, processes, Path(args["checkpoint_dir"])
+        self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
+        seed_everything(args["seed"])
+        model = SRCNN()
+        if args["init"] == "identity":
+            init_identity_(model)
+        elif init_weights is not None and resumed is None:  # a resumed run has its own weights
+            model.load_state_dict(init_weights)
+        self.model = model.to(processes.device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args["lr"])
+        self.generator = torch.Generator().manual_seed(args["seed"])
+        self.ema = copy.deepcopy(self.model) if args["ema_decay"] else None
+        self.autocast, self.scaler = mixed_precision(args, processes.device)
+        self.progress = checkpoint.Progress() if resumed is None else checkpoint.restore_training(
+            resumed, self.model, self.ema, self.optimizer, self.scaler, self.generator)
+        if command:
+            self.progress.commands.append({"epoch": self.progress.epoch, "command": command})
+        self.ddp_model = processes.wrap(self.model)
+        self.chunk = cpu_chunk(args["patch_size"]) if processes.device.type == "cpu" else None
+
+    @property
+    def eval_model(self) -> SRCNN:
+        return self.ema if self.ema is not None else self.model
+
+    def run(self) -> int:
+        """Train until args['num_epoch'] epochs are done; 128 + the signal if one stopped it."""
+        args, progress = self.args, self.progress
+        self.processes.say(f"training on {len(self.patches)} patches of {args['patch_size']}x{args['patch_size']} "
+                           f"from {Path(args['data_root']) / args['train_set']}, {self.processes}, "
+                           f"epochs {progress.epoch + 1}..{args['num_epoch']}")
         with StopRequest() as stop:
-            while state.epoch < args["num_epoch"]:
-                record, signum = train_epoch(state, ddp_model, patches, processes, stop, autocast)
+            while progress.epoch < args["num_epoch"]:
+                record, signum = self.run_epoch(stop)
                 if record is not None:
-                    processes.agree(end_epoch, state, record, eval_pairs, out_dir, processes.main)
+                    self.processes.agree(self.end_epoch, record)
                 if signum:  # mid-epoch, or at the end of one: every process agreed to stop here
-                    return processes.agree(save_interrupted, state, out_dir, signum, processes.main)
-        processes.say(f"done: best {args['eval_set']} PSNR {state.best_psnr:.3f} dB; checkpoints in {out_dir}")
+                    return self.processes.agree(self.save_interrupted, signum)
+        self.processes.say(f"done: best {args['eval_set']} PSNR {progress.best_psnr:.3f} dB; "
+                           f"checkpoints in {self.out_dir}")
         return 0
+
+    def run_batch(self, index: torch.Tensor, transform: int, progress: float) -> torch.Tensor:
+        """One step on the patches at `index` under flip/rotation `transform`, at the learning rate
+        of `progress` (epochs done); its loss summed over the batch, on the device."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.args, progress)
+        inputs, targets = make_batch(self.patches.inputs, self.patches.targets, index, transform)
+        loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
+                          self.args["loss_border"], self.chunk)
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.args["ema_decay"], optimizer_steps(self.optimizer))
+        return loss * len(index)
+
+    def run_epoch(self, stop: StopRequest) -> tuple[dict | None, int | None]:
+        """One epoch of steps (from progress.position, if an interrupted one is resumed). Returns the
+        training part of its history record (None if stopped mid-epoch: progress.position then says
+        where, and the generator is back at the epoch's start so that resume replays its draws) and
+        the stop signal every process agreed on at the last check (None: go on)."""
+        args, progress, processes = self.args, self.progress, self.processes
+        epoch_start = self.generator.get_state()
+        position = progress.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
+        self.patches.new_epoch(self.generator, move_grid=args["fresh_crops"])
+        batches = processes.share(len(self.patches), args["batch_size"], args["seed"], progress.epoch)
+        transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=self.generator)
+        loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
+                                device=processes.device)  # summed on the device: no wait for it per step
+        start = time.perf_counter() - position["seconds"]
+        self.ddp_model.train()
+        with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
+                  file=sys.stderr, disable=not processes.main) as bar:
+            for i in range(position["batch"], len(batches)):
+                loss_sum += self.run_batch(batches[i], int(transforms[i]), progress.epoch + i / len(batches))
+                bar.update()
+                done, seconds = i + 1, time.perf_counter() - start
+                if done % CHECK_EVERY == 0 or done == len(batches):
+                    total, signum = self.check(loss_sum, stop, done)
+                    bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
+                                    patches_s=f"{done * args['batch_size'] / seconds:.0f}")
+                    if signum and done < len(batches):
+                        self.generator.set_state(epoch_start)
+                        progress.position = {"batch": done, "batches": len(batches), "loss_sum": total,
+                                             "seconds": seconds}
+                        return None, signum
+        progress.position = None
+        record = {"loss": total / len(self.patches), "seconds": seconds, "patches_per_s": len(self.patches) / seconds,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        return record, signum
+
+    def check(self, loss_sum: torch.Tensor, stop: StopRequest, done: int) -> tuple[float, int | None]:
+        """(the epoch's loss sum so far over all processes, the stop signal they agreed on); a loss that
+        is not finite in any process stops every process here, before any checkpoint is written."""
+        total, signum = self.processes.check(loss_sum, stop.signum)
+        if not math.isfinite(total):
+            raise UserError(f"loss became {total} in epoch {self.progress.epoch + 1} by batch {done}; training "
+                            f"stopped, checkpoints in {self.out_dir} are untouched (try a lower --lr)")
+        return total, signum
+
+    def end_epoch(self, record: dict) -> None:
+        """Count the epoch; on rank 0 evaluate it (in PyTorch), print and record it, and save."""
+        progress, args = self.progress, self.args
+        progress.epoch += 1
+        if not self.processes.main:
+            return
+        self.eval_model.eval()
+        scores = evaluate(self.eval_model, self.eval_pairs, args["scale"])
+        record = {"epoch": progress.epoch, "loss": record["loss"], "psnr": scores["psnr"], "ssim": scores["ssim"],
+                  **record}
+        progress.history.append(record)
+        print(f"epoch {progress.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB"
+              f"  SSIM {record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
+              flush=True)
+        improved = record["psnr"] > progress.best_psnr
+        progress.best_psnr = max(progress.best_psnr, record["psnr"])
+        names = [checkpoint.LAST] + [checkpoint.BEST] * improved
+        if progress.epoch % args["save_freq"] == 0 or progress.epoch == args["num_epoch"]:
+            names.append(checkpoint.numbered(progress.epoch))
+        self.save(*names)
+
+    def save(self, *names: str) -> None:
+        """Write the run's checkpoint under each of `names` in its folder."""
+        state = checkpoint.training_checkpoint(self.args, self.progress, self.model, self.ema, self.optimizer,
+                                               self.scaler, self.generator)
+        for name in names:
+            checkpoint.save(state, self.out_dir / name)
+
+    def save_interrupted(self, signum: int) -> int:
+        if self.processes.main:
+            self.save(checkpoint.INTERRUPTED)
+            path = self.out_dir / checkpoint.INTERRUPTED
+            print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
+        return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
@@ -143,95 +286,17 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
                               args["zooms"], processes.device, args["degradation"])
     if not processes.main:
         return patches, []
-    writable_folder(Path(args["checkpoint_dir"]))
+    writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
     evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
     return patches, load_pairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
 
 
-def train_epoch(state: TrainingState, ddp_model: nn.Module, patches: TrainingPatches, processes: Processes,
-                stop: StopRequest,
-                autocast: contextlib.AbstractContextManager | None) -> tuple[dict | None, int | None]:
-    """One epoch of steps (from state.position, if an interrupted one is resumed). Returns the
-    training part of its history record (None if stopped mid-epoch: state.position then says where,
-    and the generator is back at the epoch's start so that resume replays its draws) and the stop
-    signal every process agreed on at the last check (None: go on)."""
-    args = state.args
-    epoch_start = state.generator.get_state()
-    position = state.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
-    patches.new_epoch(state.generator, move_grid=args["fresh_crops"])
-    batches = processes.share(len(patches), args["batch_size"], args["seed"], state.epoch)
-    transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=state.generator)
-    chunk = cpu_chunk(args["patch_size"]) if processes.device.type == "cpu" else None
-    loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
-                            device=processes.device)  # summed on the device: no wait for it per step
-    start = time.perf_counter() - position["seconds"]
-    ddp_model.train()
-    with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {state.epoch + 1}", leave=False,
-              file=sys.stderr, disable=not processes.main) as bar:
-        for i in range(position["batch"], len(batches)):
-            for group in state.optimizer.param_groups:
-                group["lr"] = learning_rate(args, state.epoch + i / len(batches))
-            inputs, targets = make_batch(patches.inputs, patches.targets, batches[i], int(transforms[i]))
-            loss = train_step(ddp_model, state.optimizer, inputs, targets, args["loss_border"], chunk, autocast,
-                              state.scaler)
-            if state.ema is not None:
-                update_ema(state.ema, state.model, args["ema_decay"], optimizer_steps(state.optimizer))
-            loss_sum += loss * len(batches[i])
-            bar.update()
-            done, seconds = i + 1, time.perf_counter() - start
-            if done % CHECK_EVERY == 0 or done == len(batches):
-                total, signum = check(state, processes, loss_sum, stop, done)
-                bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
-                                patches_s=f"{done * args['batch_size'] / seconds:.0f}")
-                if signum and done < len(batches):
-                    state.generator.set_state(epoch_start)
-                    state.position = {"batch": done, "batches": len(batches), "loss_sum": total, "seconds": seconds}
-                    return None, signum
-    state.position = None
-    record = {"loss": total / len(patches), "seconds": seconds, "patches_per_s": len(patches) / seconds,
-              "lr": state.optimizer.param_groups[0]["lr"]}
-    return record, signum
-
-
-def check(state: TrainingState, processes: Processes, loss_sum: torch.Tensor, stop: StopRequest,
-          done: int) -> tuple[float, int | None]:
-    """(the epoch's loss sum so far over all processes, the stop signal they agreed on); a loss that
-    is not finite in any process stops every process here, before any checkpoint is written."""
-    total, signum = processes.check(loss_sum, stop.signum)
-    if not math.isfinite(total):
-        raise UserError(f"loss became {total} in epoch {state.epoch + 1} by batch {done}; training stopped, "
-                        f"checkpoints in {state.args['checkpoint_dir']} are untouched (try a lower --lr)")
-    return total, signum
-
-
-def end_epoch(state: TrainingState, record: dict, eval_pairs: list, out_dir: Path, main: bool) -> None:
-    """Count the epoch; on rank 0 evaluate, print and record it, and write the checkpoints."""
-    state.epoch += 1
-    if not main:
-        return
-    args = state.args
-    state.eval_model.eval()
-    scores = evaluate(state.eval_model, eval_pairs, args["scale"])
-    record = {"epoch": state.epoch, "loss": record["loss"], "psnr": scores["psnr"], "ssim": scores["ssim"], **record}
-    state.history.append(record)
-    print(f"epoch {state.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB  SSIM "
-          f"{record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)", flush=True)
-    improved = record["psnr"] > state.best_psnr
-    state.best_psnr = max(state.best_psnr, record["psnr"])
-    checkpoint = state.to_checkpoint()
-    save_checkpoint(checkpoint, out_dir / "last.pth")
-    if improved:
-        save_checkpoint(checkpoint, out_dir / "best.pth")
-    if state.epoch % args["save_freq"] == 0 or state.epoch == args["num_epoch"]:
-        save_checkpoint(checkpoint, out_dir / f"checkpoint.{state.epoch}.pth")
-
-
-def save_interrupted(state: TrainingState, out_dir: Path, signum: int, main: bool) -> int:
-    if main:
-        path = out_dir / "interrupted.pth"
-        save_checkpoint(state.to_checkpoint(), path)
-        print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
-    return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None) -> int:
+    """Train from scratch (from `init_weights` if given) or from the checkpoint `resumed`. Under
+    torchrun each process trains on its share of every batch (DDP); a run that fails before its
+    first checkpoint leaves no folder behind."""
+    with removed_if_left_empty(Path(args["checkpoint_dir"])), Processes.start(args["cuda"], args["batch_size"]) as p:
+        return Trainer(args, p, resumed, init_weights, command).run()
 
 
 # ---------------------------------------------------------------- command line
@@ -296,9 +361,18 @@ def check_training_args(args: dict) -> None:
         raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
 
 
+def recipe_line_to_args(line: str) -> list[str]:
+    """A line of an argument file (`train.py train @recipes/x3.args`) as the shell would split it,
+    '#' to the end of the line a comment."""
+    return shlex.split(line, comments=True)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """(the whole CLI, the `train` subcommand's parser, whose defaults fill options newer than a checkpoint)."""
-    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.", formatter_class=HelpFormatter)
+    """(the whole CLI, the `train` subcommand's parser, whose defaults fill options newer than a checkpoint).
+    An argument @FILE stands for the arguments in FILE (recipes/)."""
+    parser = argparse.ArgumentParser(description="Train and examine SRCNN models.", formatter_class=HelpFormatter,
+                                     fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = recipe_line_to_args
     parser.add_argument("--version", action="version", version=info.version_string())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -339,31 +413,28 @@ def main(argv: list[str] | None = None) -> int:
     parser, train_parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    command = launch_command(argv)
+    command = checkpoint.launch_command(argv)
 
     if args.command == "inspect":
         return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history, args.reach)
     if args.command == "evaluate":
-        path = args.checkpoint or str(shipped_checkpoint(
+        path = args.checkpoint or str(checkpoint.shipped_checkpoint(
             args.scale, "name a checkpoint trained at that scale: python train.py evaluate CHECKPOINT"))
         return evaluate_checkpoint(path, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale,
                                    args.degradation, args.report)
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}
         check_training_args(options)
+        init_weights = None
         if options["init"] not in ("default", "identity"):  # a bad --init CHECKPOINT ends here, before any work
-            load_model(options["init"], torch.device("cpu"))
-        return fit(options, command=command)
-    checkpoint = load_checkpoint(args.checkpoint)
-    check_resumable(args.checkpoint, checkpoint)
+            init_weights = checkpoint.load_model(options["init"], torch.device("cpu"))[0].state_dict()
+        return fit(options, init_weights=init_weights, command=command)
+    resumed = checkpoint.load(args.checkpoint)
+    checkpoint.check_resumable(args.checkpoint, resumed)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
-    if given.get("scale", checkpoint["scale"]) != checkpoint["scale"]:
-        raise UserError(f"{args.checkpoint} was trained at x{checkpoint['scale']}; "
-                        f"--scale {given['scale']} contradicts it")
-    defaults = vars(train_parser.parse_args([]))  # for options newer than the checkpoint
-    options = {**defaults, **checkpoint["args"], "cuda": False, **given}  # the device is chosen anew by each run
+    options = checkpoint.resume_options(args.checkpoint, resumed, given, vars(train_parser.parse_args([])))
     check_training_args(options)
-    return fit(options, checkpoint, command)
+    return fit(options, resumed, command=command)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from data import default_data_root, download
+from download import default_data_root, download
 from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import load as load_checkpoint
+from checkpoint import save as save_checkpoint
 from conftest import ROOT, assert_clean_error, run
 from data import downscale
 from model import SRCNN
-from train import cpu_chunk, learning_rate, train_step
-from utils import load_checkpoint, save_checkpoint
+from train import cpu_chunk, learning_rate, mixed_precision, train_step
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -189,7 +190,7 @@ def test_output_piped_into_head_is_no_traceback(trained):
 
 
 @pytest.mark.parametrize("command", [("train", "train"), ("train", "resume"), ("train", "inspect"),
-                                     ("train", "evaluate"), ("super_resolve",), ("data", "download"), ("bench",)])
+                                     ("train", "evaluate"), ("super_resolve",), ("download", "download"), ("bench",)])
 def test_every_flag_has_a_help_line_with_its_default(cli, command):
     result = cli(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -206,6 +207,11 @@ def test_every_flag_has_a_help_line_with_its_default(cli, command):
     assert len(described) >= 2
     for text in described:
         assert "(default: " in text or "(required)" in text, text
+
+
+def test_data_py_runs_the_download_command():
+    result = run("data.py", "download", "--help")
+    assert result.returncode == 0 and "--base-url" in result.stdout, result.stderr
 
 
 def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
@@ -226,7 +232,8 @@ def test_a_chunked_step_is_the_whole_batch_step():
         torch.manual_seed(1)
         model = SRCNN()
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient, scale and all
-        loss = train_step(model, optimizer, inputs, targets, chunk=size)
+        loss = train_step(model, optimizer, inputs, targets, *mixed_precision({"amp": "off"}, torch.device("cpu")),
+                          chunk=size)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     (whole_loss, whole), (chunked_loss, chunked) = results
     assert torch.allclose(whole_loss, chunked_loss, rtol=1e-5)

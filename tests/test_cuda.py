@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import load_model
 from conftest import ROOT, run
 from data import downscale, load_pairs
-from inference import evaluate, load_model
+from metrics import evaluate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU suite needs one")
 QUICK = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops")

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, assert_clean_error, find_real_data
-from data import TrainingPatches, degrade, download, list_images, load_pairs, matlab_resize, modcrop, read_manifest
-from utils import UserError, current_umask
+from data import TrainingPatches, degrade, list_images, load_pairs, matlab_resize, modcrop
+from download import download, read_manifest
+from files import current_umask
+from utils import UserError
 
 
 def closed_port() -> int:
@@ -86,7 +88,7 @@ def data_server(real_data, tmp_path):
 def test_download_fetches_verifies_and_skips(cli, data_server, tmp_path):
     url, _ = data_server
     root = tmp_path / "datasets"
-    result = cli("data", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    result = cli("download", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
     assert result.returncode == 0, result.stderr
     rows = [r for r in read_manifest() if r["dataset"] == "Set5"]
     assert sorted(p.name for p in (root / "Set5").iterdir()) == sorted(r["file"] for r in rows)
@@ -101,7 +103,7 @@ def test_download_rejects_corrupt_file(cli, data_server, tmp_path):
     data[1000] ^= 0xFF
     victim.write_bytes(bytes(data))
     root = tmp_path / "datasets"
-    result = cli("data", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
+    result = cli("download", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
     assert_clean_error(result, "sha256", "bird.png")
     assert not (root / "Set5" / "bird.png").exists()
     assert not list((root / "Set5").glob(".*part"))
@@ -110,14 +112,14 @@ def test_download_rejects_corrupt_file(cli, data_server, tmp_path):
 def test_download_unreachable_server_says_how_to_work_offline_and_leaves_no_empty_folder(cli, monkeypatch, tmp_path):
     root = tmp_path / "datasets"
     monkeypatch.setenv("SRCNN_DATA_URL", f"http://127.0.0.1:{closed_port()}")
-    result = cli("data", "download", "--root", str(root), "--sets", "Set5")
+    result = cli("download", "download", "--root", str(root), "--sets", "Set5")
     assert_clean_error(result, "--data-root", "is the mirror at")
     assert not root.exists()
 
 
 def test_download_from_a_mirror_that_does_not_answer_says_so(cli, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
-    result = cli("data", "download", "--root", str(tmp_path / "datasets"), "--sets", "Set5", "--base-url", url)
+    result = cli("download", "download", "--root", str(tmp_path / "datasets"), "--sets", "Set5", "--base-url", url)
     assert_clean_error(result, f"is the mirror at {url} running?", "--data-root")
     assert "Offline?" not in result.stderr
 

@@ -138,7 +138,7 @@ def test_unwritable_output_or_comparison_is_refused_before_any_work(cli, weights
 def test_download_into_a_folder_that_cannot_be_made(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
-    result = cli("data", "download", "--root", str(blocker / "datasets"), "--sets", "Set5")
+    result = cli("download", "download", "--root", str(blocker / "datasets"), "--sets", "Set5")
     assert result.returncode == 2
     assert_clean_error(result, f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "a file where a folder should be" and list(tmp_path.iterdir()) == [blocker]

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import load_model
 from conftest import ROOT, assert_clean_error
-from inference import OnnxRuntimeNetwork, engine_for, load_model, onnx_model, polyphase_conv
+from onnx_engine import OnnxRuntimeNetwork, engine_for, onnx_model, polyphase_conv
 from utils import UserError
 
 

@@ -43,7 +43,7 @@ KILL_TRIALS = """
 import os, random, shutil, signal, sys, time
 sys.path.insert(0, {root!r})
 import train, utils  # imported once; each trial forks a training process from here, killed with SIGKILL
-import onnx, onnxruntime, torch._dynamo  # what evaluation and the first Adam import: here, not ~3 s in each child
+import torch._dynamo  # what the first Adam step imports: here, not ~3 s in each child
 rng, out = random.Random(0), {out!r}
 for trial in range({trials}):
     last = os.path.join(out, "last.pth")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import assert_clean_error
-from data import download, read_manifest
+from download import download, read_manifest
 from model import SRCNN
 from utils import UserError
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import SHIPPED
+from checkpoint import load as load_checkpoint
 from conftest import ROOT, generated_image
-from inference import SHIPPED
-from utils import load_checkpoint
 
 
 def hub(entry: str, **kwargs):

@@ -28,7 +28,7 @@ def test_identity_init_passes_input_through():
 
 
 def test_moving_average_moves_toward_the_weights_by_one_minus_decay():
-    from training_state import update_ema
+    from train import update_ema
 
     model, ema = SRCNN(), SRCNN()
     before = [p.detach().clone() for p in ema.parameters()]
@@ -38,7 +38,7 @@ def test_moving_average_moves_toward_the_weights_by_one_minus_decay():
 
 
 def test_moving_average_forgets_the_initial_weights_in_its_first_steps():
-    from training_state import update_ema
+    from train import update_ema
 
     model, ema = SRCNN(), SRCNN()
     before = [p.detach().clone() for p in ema.parameters()]
@@ -48,7 +48,7 @@ def test_moving_average_forgets_the_initial_weights_in_its_first_steps():
 
 
 def test_optimizer_steps_counts_adams_steps():
-    from training_state import optimizer_steps
+    from train import optimizer_steps
 
     model = SRCNN()
     optimizer = torch.optim.Adam(model.parameters())

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_model
 from conftest import run
 from data import load_pairs
-from inference import evaluate, load_model
+from metrics import evaluate
+from onnx_engine import engine_for
 from report_html import gain_window
 
 CHROMIUM = os.environ.get("SRCNN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,7 +66,7 @@ def test_report_in_a_browser(report, browser, mini_root):
     assert len(behind_the_slider) == 2 * 4 and all(behind_the_slider)  # bicubic, SRCNN, x8, ground truth
 
     # the numbers: each image's scores as evaluate computes them, the means as `evaluate` printed them
-    model = load_model(checkpoint, torch.device("cpu"))[0]
+    model = engine_for(load_model(checkpoint, torch.device("cpu"))[0])  # the engine `evaluate` scores with
     pairs = load_pairs(mini_root / "Set5", 3)
     expected = [evaluate(None, pairs, 3), evaluate(model, pairs, 3), evaluate(model, pairs, 3, self_ensemble=True)]
     rows = page.eval_on_selector_all("table.scores tbody tr",

@@ -2,9 +2,10 @@ import pytest
 import torch
 from PIL import Image
 
-from inference import engine_for, enhance, super_resolve_image, tile_windows
+from data import quantize
+from inference import enhance, super_resolve_image, tile_windows
 from model import SRCNN, init_identity_
-from utils import quantize
+from onnx_engine import engine_for
 
 
 @pytest.fixture(scope="module")

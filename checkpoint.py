@@ -1,0 +1,247 @@
+"""What a checkpoint is: its format, the one writer and the one reader, the network it describes,
+the shipped models, the checks before `resume`, and the command lines it records.
+
+A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
+
+    model             the weights to use: with --ema-decay their moving average, else the trained weights
+    training_weights  with --ema-decay, the weights Adam trains (what `resume` continues); else None
+    optimizer         Adam's state_dict
+    scaler            with --amp fp16 on CUDA, the loss scaler's state; else None
+    args              every training argument, expanded (the flags of `train`, by their dest names)
+    epoch             epochs done
+    history           one dict per epoch: epoch, loss, psnr, ssim, lr, seconds, patches_per_s
+    best_psnr         the best evaluation PSNR so far
+    rng               {"torch": the global RNG state, "generator": the state of the draws of crops and flips}
+    scale, version    the upscaling factor; the project's version that wrote it
+    commands          {"epoch", "command"} of every train/resume command line that made it
+    position          in interrupted.pth only: where the epoch after `epoch` stopped (POSITION_KEYS)
+
+A bare state_dict of the three convolutions (conv1..conv3) is read as an x3 model.
+"""
+
+import math
+import os
+import re
+import shlex
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import info
+from files import atomic_write
+from model import SRCNN
+from utils import UserError
+
+RESUME_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
+POSITION_KEYS = {"batch", "batches", "loss_sum", "seconds"}
+DEFAULT_SCALE = 3  # what a checkpoint without a scale (a bare state_dict) is taken to be
+
+LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"  # the files a run writes into its folder
+
+HERE = Path(__file__).resolve().parent
+SHIPPED = {2: HERE / "models" / "srcnn_x2.pth", 3: HERE / "checkpoint.pth", 4: HERE / "models" / "srcnn_x4.pth"}
+
+
+def numbered(epoch: int) -> str:
+    """The file that --save-freq keeps of an epoch."""
+    return f"checkpoint.{epoch}.pth"
+
+
+# ---------------------------------------------------------------- the file
+
+
+def save(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically (files.atomic_write), every tensor from the CPU, so that the file loads on
+    machines without the training device."""
+    with atomic_write(Path(path), "checkpoint") as f:
+        torch.save(to_cpu(checkpoint), f)
+
+
+def to_cpu(value):
+    """`value` with every tensor in it (in dicts, lists and tuples, at any depth) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def load(path: str | Path) -> dict:
+    """Read a checkpoint safely (tensors and primitives only; pickled code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then rejects
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except Exception as err:  # torch raises many types for broken files; classify by the message
+        unsafe = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise UserError(
+                f"{path} refused: it would load {unsafe.group(1)} (a pickle that can run code); "
+                "checkpoints may hold only tensors and plain data"
+            ) from None
+        raise UserError(f"{path} is not a valid checkpoint (truncated or corrupt file)") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+# ---------------------------------------------------------------- the network it describes
+
+
+def network(weights: object, path: str | Path) -> SRCNN:
+    """The network that `weights` (a state_dict, from `path`) are the weights of, on the CPU;
+    anything else ends in one line naming what is wrong."""
+    if not isinstance(weights, dict):
+        raise UserError(f"{path}: 'model' entry is not a state_dict")
+    model = SRCNN()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise UserError(f"{path} is not an SRCNN checkpoint: missing keys {', '.join(missing)}")
+    for key, tensor in expected.items():
+        value = weights[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise UserError(f"{path}: '{key}' is not a floating-point tensor")
+        if value.shape != tensor.shape:
+            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+    model.load_state_dict({k: weights[k].float() for k in expected})
+    return model
+
+
+def scale_of(checkpoint: dict, path: str | Path, given: int | None = None) -> int:
+    """The checkpoint's upscaling factor; a `given` one (the user's --scale) must agree with it."""
+    saved = checkpoint.get("scale", DEFAULT_SCALE)
+    if not isinstance(saved, int) or saved < 2:
+        raise UserError(f"{path}: invalid scale {saved!r}")
+    if given is not None and given != saved:
+        raise UserError(f"{path} is an x{saved} model; --scale {given} contradicts it")
+    return saved
+
+
+def model_of(checkpoint: dict, path: str | Path, device: torch.device) -> SRCNN:
+    """The checkpoint's model ('model', or the checkpoint itself if it is a bare state_dict), in eval
+    mode on `device`, in the memory format PyTorch's convolutions run fastest on."""
+    model = network(checkpoint.get("model", checkpoint), path)
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def load_model(path: str | Path, device: torch.device, scale: int | None = None) -> tuple[SRCNN, int, dict]:
+    """(model in eval mode, scale, checkpoint) from one read of `path`; a `scale` given by the user
+    must agree with the checkpoint's."""
+    checkpoint = load(path)
+    model = model_of(checkpoint, path, device)
+    return model, scale_of(checkpoint, path, scale), checkpoint
+
+
+def shipped_checkpoint(scale: int | None, otherwise: str) -> Path:
+    """The trained model this project ships for `scale`; None: x3, the assignment's. `otherwise`
+    says how the caller takes a model of another scale."""
+    shipped = f"x{', x'.join(map(str, SHIPPED))}"
+    if scale is not None and scale < 2:
+        raise UserError(f"--scale must be at least 2 (models are shipped for {shipped})")
+    if scale is not None and scale not in SHIPPED:
+        raise UserError(f"no model is shipped for x{scale} (only {shipped}); {otherwise}")
+    return SHIPPED[scale or DEFAULT_SCALE]
+
+
+# ---------------------------------------------------------------- a training run's state
+
+
+@dataclass
+class Progress:
+    """Where a training run stands, besides its weights and Adam's state."""
+
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    best_psnr: float = -math.inf
+    commands: list = field(default_factory=list)  # every train/resume command line, with its start epoch
+    position: dict | None = None  # where an interrupted epoch stopped (POSITION_KEYS)
+
+
+def training_checkpoint(args: dict, progress: Progress, model: nn.Module, ema: nn.Module | None,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        generator: torch.Generator) -> dict:
+    """The checkpoint of a training run (save moves every tensor to the CPU)."""
+    return {
+        "model": (ema if ema is not None else model).state_dict(),
+        "training_weights": model.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "args": dict(args),
+        "epoch": progress.epoch,
+        "history": list(progress.history),
+        "best_psnr": progress.best_psnr,
+        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
+        "scale": args["scale"],
+        "version": info.VERSION,
+        "position": progress.position,
+        "commands": list(progress.commands),
+    }
+
+
+def restore_training(checkpoint: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, generator: torch.Generator) -> Progress:
+    """Load a checkpoint that check_resumable accepted into a run's parts; its progress."""
+    model.load_state_dict(checkpoint.get("training_weights") or checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])  # moves its tensors to the weights' device
+    if ema is not None:  # the checkpoint's average, or its weights if it kept none
+        ema.load_state_dict(checkpoint["model"])
+    if scaler.is_enabled() and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    generator.set_state(checkpoint["rng"]["generator"])
+    return Progress(checkpoint["epoch"], checkpoint["history"], checkpoint["best_psnr"],
+                    list(checkpoint.get("commands", [])), checkpoint.get("position"))
+
+
+def check_resumable(path: str | Path, checkpoint: dict) -> None:
+    """Refuse, in one line, a checkpoint that `resume` could not continue."""
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
+    network(checkpoint["model"], path)  # checks the weights' names and shapes
+    scale_of(checkpoint, path)
+    position = checkpoint.get("position")
+    if position is not None and not (isinstance(position, dict) and POSITION_KEYS <= set(position)):
+        raise UserError(f"{path} cannot be resumed: its 'position' is not a mid-epoch position")
+    if checkpoint.get("training_weights") is not None:
+        try:
+            SRCNN().load_state_dict(checkpoint["training_weights"])
+        except (RuntimeError, TypeError, AttributeError, ValueError):
+            raise UserError(f"{path} cannot be resumed: its 'training_weights' are not SRCNN weights") from None
+
+
+def resume_options(path: str | Path, checkpoint: dict, given: dict, defaults: dict) -> dict:
+    """The arguments `resume` trains with: the checkpoint's, overridden by the flags `given` on the
+    command line; `defaults` (the train command's) fill options newer than the checkpoint. The
+    device is chosen anew by every run; the scale is the checkpoint's."""
+    scale_of(checkpoint, path, given.get("scale"))
+    return {**defaults, **checkpoint["args"], "cuda": False, **given}
+
+
+def launch_command(argv: list[str]) -> str:
+    """The command line that started this run, for the checkpoint's record: under torchrun the
+    launcher's own (read from /proc on Linux), else `python train.py ...`."""
+    command = "python train.py " + shlex.join(argv)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return command
+    try:
+        parts = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except (OSError, UnicodeDecodeError):
+        parts = []
+    if not parts:
+        return (f"torchrun --nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')} "
+                f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')} train.py {shlex.join(argv)}")
+    if Path(parts[0]).name.startswith("python"):
+        parts = ["torchrun", *parts[2:]] if len(parts) > 1 and parts[1].endswith("torchrun") else ["python", *parts[1:]]
+    return shlex.join(parts)
