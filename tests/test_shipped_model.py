@@ -2,34 +2,53 @@
 alone, their recipes on record, Set5 and Set14 at the project's goals under Pillow's bicubic (and for x3
 MATLAB's); without --checkpoint, --scale picks them."""
 
+import shlex
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import train
+from checkpoint import SHIPPED, check_resumable, load_model
+from checkpoint import load as load_checkpoint
+from conftest import ROOT
 from data import load_pairs
-from inference import SHIPPED, evaluate, load_model
-from utils import load_checkpoint
+from metrics import evaluate
 
 GOALS = {2: (36.34, 32.18), 3: (32.50, 29.10), 4: (30.09, 27.20)}  # Set5, Set14; x2, x4: the paper's 9-1-5 on T91
 
 
+WHERE_IT_RAN = ("cuda", "data_root", "checkpoint_dir")  # the device and folders of the run, not what it trained
+
+
+def training_args(argv: list[str]) -> dict:
+    """The training arguments a `train.py train ...` command line means, @FILEs expanded as train.py does."""
+    args = vars(train.build_parser()[0].parse_args(argv))
+    return {k: v for k, v in args.items() if k not in ("command", *WHERE_IT_RAN)}
+
+
 @pytest.mark.parametrize("scale", sorted(SHIPPED))
-def test_shipped_checkpoint_records_how_it_was_made(scale):
+def test_shipped_checkpoint_is_what_its_recipe_file_trains(scale, monkeypatch):
+    monkeypatch.chdir(ROOT)
     checkpoint = load_checkpoint(SHIPPED[scale])
-    assert checkpoint["scale"] == scale and checkpoint["args"]["train_set"] == "T91"
+    recipe = training_args(["train", f"@recipes/x{scale}.args"])
+    assert recipe["scale"] == scale and checkpoint["scale"] == scale
+    assert {k: v for k, v in checkpoint["args"].items() if k not in WHERE_IT_RAN} == recipe
+    first, *resumed = checkpoint["commands"]  # one command: a resume may continue it but change nothing
+    assert first["epoch"] == 0 and training_args(shlex.split(first["command"])[2:]) == recipe
+    assert all(shlex.split(c["command"])[2] == "resume" and len(shlex.split(c["command"])) == 4 for c in resumed)
+    assert [c["epoch"] for c in checkpoint["commands"]] == sorted(c["epoch"] for c in checkpoint["commands"])
+
+
+@pytest.mark.parametrize("scale", sorted(SHIPPED))
+def test_shipped_checkpoint_can_be_resumed_and_its_history_is_whole(scale):
+    checkpoint = load_checkpoint(SHIPPED[scale])
+    check_resumable(SHIPPED[scale], checkpoint)
+    assert checkpoint["args"]["train_set"] == "T91"
     assert checkpoint["position"] is None, "a mid-epoch (interrupted) checkpoint was shipped"
     assert [h["epoch"] for h in checkpoint["history"]] == list(range(1, checkpoint["epoch"] + 1))
     assert checkpoint["optimizer"]["state"], "no optimizer state: resume could not continue it"
-    first, *resumed = checkpoint["commands"]  # one command: a resume may continue it but change nothing
-    assert first["epoch"] == 0 and first["command"].startswith("python train.py train ")
-    if scale == 3:  # from scratch; x2 and x4 start from its weights
-        assert "--init" not in first["command"]
-    else:
-        assert f"--scale {scale}" in first["command"] and "--init checkpoint.pth" in first["command"]
-    assert all(c["command"].split()[:3] == ["python", "train.py", "resume"] and len(c["command"].split()) == 4
-               for c in resumed)
-    assert [c["epoch"] for c in checkpoint["commands"]] == sorted(c["epoch"] for c in checkpoint["commands"])
 
 
 @pytest.mark.parametrize("scale", sorted(SHIPPED))
