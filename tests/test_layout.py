@@ -1,0 +1,50 @@
+"""The house: the project's modules import each other without cycles, the command-line modules are
+imported by no other module (bench.py times train.py's own step), and training needs neither onnx
+nor onnxruntime."""
+
+import ast
+import subprocess
+import sys
+
+from conftest import ROOT
+
+MODULES = {path.stem: path for path in ROOT.glob("*.py")}
+COMMANDS = {"train", "super_resolve", "bench", "hubconf"}  # run by users or torch.hub, never imported
+ALLOWED = {("bench", "train")}
+
+
+def imports(module: str) -> set[str]:
+    """The project modules `module` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+def test_the_imports_form_no_cycle():
+    graph = {module: imports(module) for module in MODULES}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for imported in graph[module]:
+                visit(imported, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_no_module_imports_a_command():
+    importers = {(module, imported) for module in MODULES for imported in imports(module) if imported in COMMANDS}
+    assert importers <= ALLOWED, importers - ALLOWED
+
+
+def test_importing_train_imports_no_onnx_package():
+    code = "import sys, train; print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
