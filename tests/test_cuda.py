@@ -16,7 +16,8 @@ from conftest import ROOT, run
 from data import downscale, load_pairs
 from metrics import evaluate
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU suite needs one")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU suite needs one"),
+              pytest.mark.slow]
 QUICK = ("--batch-size", "8", "--lr", "1e-3", "--augment", "--fresh-crops")
 LEARN = ("--batch-size", "64", "--lr", "1e-3", "--augment", "--fresh-crops", "--num-epoch", "3")
 

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from conftest import ROOT, assert_clean_error
 from processes import process_group_backend
 
+pytestmark = pytest.mark.slow  # torchrun and two training processes: left out of the quick subset
+
 
 def torchrun(*args, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

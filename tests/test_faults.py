@@ -12,6 +12,8 @@ import torch
 
 from conftest import ROOT, assert_clean_error
 
+pytestmark = pytest.mark.slow  # training processes killed and resumed: left out of the quick subset
+
 FAST = ("--batch-size", "2", "--lr", "1e-3", "--save-freq", "1")
 
 

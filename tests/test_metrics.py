@@ -58,6 +58,7 @@ BICUBIC = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, degradation", list(BICUBIC))
 def test_bicubic_scores_under_both_protocols(real_data, name, degradation):
     scores = evaluate(None, load_pairs(real_data / name, 3, degradation=degradation), 3)
@@ -65,6 +66,7 @@ def test_bicubic_scores_under_both_protocols(real_data, name, degradation):
     assert scores["ssim"] == pytest.approx(BICUBIC[name, degradation][1], abs=5e-5)
 
 
+@pytest.mark.slow
 def test_ssim_equals_scikit_images(real_data):
     """scikit-image's SSIM with Gaussian weights (sigma 1.5), population covariances, data range 255."""
     for _, x, y in load_pairs(real_data / "Set5", 3):

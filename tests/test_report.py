@@ -48,6 +48,7 @@ def browser():
         chromium.close()
 
 
+@pytest.mark.slow
 def test_report_in_a_browser(report, browser, mini_root):
     checkpoint, folder, printed = report
     page = browser.new_page(viewport={"width": 1000, "height": 800})

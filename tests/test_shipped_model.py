@@ -51,6 +51,7 @@ def test_shipped_checkpoint_can_be_resumed_and_its_history_is_whole(scale):
     assert checkpoint["optimizer"]["state"], "no optimizer state: resume could not continue it"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", sorted(SHIPPED))
 def test_shipped_checkpoint_scores_what_its_history_says_and_meets_the_goals(real_data, scale):
     model, saved_scale, checkpoint = load_model(SHIPPED[scale], torch.device("cpu"))
@@ -61,6 +62,7 @@ def test_shipped_checkpoint_scores_what_its_history_says_and_meets_the_goals(rea
     assert evaluate(model, load_pairs(real_data / "Set14", scale), scale)["psnr"] >= GOALS[scale][1]
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_holds_under_the_matlab_protocol(real_data):
     model, scale, _ = load_model(SHIPPED[3], torch.device("cpu"))
     assert evaluate(model, load_pairs(real_data / "Set5", scale, degradation="matlab"), scale)["psnr"] >= 32.50
