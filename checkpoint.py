@@ -7,7 +7,9 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     training_weights  with --ema-decay, the weights Adam trains (what `resume` continues); else None
     optimizer         Adam's state_dict
     scaler            with --amp fp16 on CUDA, the loss scaler's state; else None
-    args              every training argument, expanded (the flags of `train`, by their dest names)
+    args              every training argument, expanded (the flags of `train`, by their dest names); its
+                      `network` ("9-5-5") and `widths` ([64, 32]) are the network's shape, and a
+                      checkpoint without them holds the assignment's 9-1-5 with 64/32 filters
     epoch             epochs done
     history           one dict per epoch: epoch, loss, psnr, ssim, lr, seconds, patches_per_s
     best_psnr         the best evaluation PSNR so far
@@ -16,7 +18,8 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     commands          {"epoch", "command"} of every train/resume command line that made it
     position          in interrupted.pth only: where the epoch after `epoch` stopped (POSITION_KEYS)
 
-A bare state_dict of the three convolutions (conv1..conv3) is read as an x3 model.
+A bare state_dict of the three convolutions (conv1..conv3) is read as an x3 model of the shape its
+weights have: the published weights of other SRCNN ports load as they are.
 """
 
 import math
@@ -32,7 +35,7 @@ from torch import nn
 
 import info
 from files import atomic_write
-from model import SRCNN
+from model import ASSIGNMENT, SRCNN, Shape
 from utils import UserError
 
 RESUME_KEYS = ("model", "optimizer", "args", "epoch", "history", "best_psnr", "rng", "scale", "version")
@@ -98,12 +101,33 @@ def load(path: str | Path) -> dict:
 # ---------------------------------------------------------------- the network it describes
 
 
-def network(weights: object, path: str | Path) -> SRCNN:
-    """The network that `weights` (a state_dict, from `path`) are the weights of, on the CPU;
-    anything else ends in one line naming what is wrong."""
+def shape_of_args(args: dict) -> Shape:
+    """The shape of the network that training arguments describe (the assignment's without them)."""
+    kernels = tuple(int(k) for k in str(args.get("network", ASSIGNMENT.name)).split("-"))
+    return Shape(kernels, tuple(args.get("widths", ASSIGNMENT.widths)))
+
+
+def shape_of(checkpoint: dict, path: str | Path) -> Shape:
+    """The shape of the network a checkpoint holds: its arguments say; a bare state_dict's weights do."""
+    if "args" in checkpoint:
+        try:
+            return shape_of_args(checkpoint["args"])
+        except (TypeError, ValueError, AttributeError):
+            raise UserError(f"{path}: its 'network' and 'widths' arguments name no SRCNN shape") from None
+    weights = checkpoint.get("model", checkpoint)
+    try:
+        kernels = tuple(int(weights[f"conv{i}.weight"].shape[-1]) for i in (1, 2, 3))
+        return Shape(kernels, (int(weights["conv1.weight"].shape[0]), int(weights["conv2.weight"].shape[0])))
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        return ASSIGNMENT  # not SRCNN weights: network() names what is missing or wrong
+
+
+def network(weights: object, path: str | Path, shape: Shape = ASSIGNMENT) -> SRCNN:
+    """The network of `shape` with `weights` (a state_dict, from `path`), on the CPU; anything else
+    ends in one line naming what is wrong."""
     if not isinstance(weights, dict):
         raise UserError(f"{path}: 'model' entry is not a state_dict")
-    model = SRCNN()
+    model = SRCNN(shape)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -113,7 +137,8 @@ def network(weights: object, path: str | Path) -> SRCNN:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise UserError(f"{path}: '{key}' is not a floating-point tensor")
         if value.shape != tensor.shape:
-            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)} "
+                            f"(SRCNN {shape})")
     model.load_state_dict({k: weights[k].float() for k in expected})
     return model
 
@@ -131,7 +156,7 @@ def scale_of(checkpoint: dict, path: str | Path, given: int | None = None) -> in
 def model_of(checkpoint: dict, path: str | Path, device: torch.device) -> SRCNN:
     """The checkpoint's model ('model', or the checkpoint itself if it is a bare state_dict), in eval
     mode on `device`, in the memory format PyTorch's convolutions run fastest on."""
-    model = network(checkpoint.get("model", checkpoint), path)
+    model = network(checkpoint.get("model", checkpoint), path, shape_of(checkpoint, path))
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -209,14 +234,15 @@ def check_resumable(path: str | Path, checkpoint: dict) -> None:
     missing = [k for k in RESUME_KEYS if k not in checkpoint]
     if missing:
         raise UserError(f"{path} cannot be resumed: missing keys {', '.join(missing)}")
-    network(checkpoint["model"], path)  # checks the weights' names and shapes
+    shape = shape_of(checkpoint, path)
+    network(checkpoint["model"], path, shape)  # checks the weights' names and shapes
     scale_of(checkpoint, path)
     position = checkpoint.get("position")
     if position is not None and not (isinstance(position, dict) and POSITION_KEYS <= set(position)):
         raise UserError(f"{path} cannot be resumed: its 'position' is not a mid-epoch position")
     if checkpoint.get("training_weights") is not None:
         try:
-            SRCNN().load_state_dict(checkpoint["training_weights"])
+            SRCNN(shape).load_state_dict(checkpoint["training_weights"])
         except (RuntimeError, TypeError, AttributeError, ValueError):
             raise UserError(f"{path} cannot be resumed: its 'training_weights' are not SRCNN weights") from None
 
@@ -224,8 +250,11 @@ def check_resumable(path: str | Path, checkpoint: dict) -> None:
 def resume_options(path: str | Path, checkpoint: dict, given: dict, defaults: dict) -> dict:
     """The arguments `resume` trains with: the checkpoint's, overridden by the flags `given` on the
     command line; `defaults` (the train command's) fill options newer than the checkpoint. The
-    device is chosen anew by every run; the scale is the checkpoint's."""
+    device is chosen anew by every run; the scale and the network's shape are the checkpoint's."""
     scale_of(checkpoint, path, given.get("scale"))
+    shape = shape_of(checkpoint, path)
+    if shape_of_args({**checkpoint["args"], **given}) != shape:
+        raise UserError(f"{path} holds SRCNN {shape}; --network and --widths cannot change it")
     return {**defaults, **checkpoint["args"], "cuda": False, **given}
 
 

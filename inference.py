@@ -17,6 +17,7 @@ class Engine(Protocol):
     model on 1 x 3 x H x W float tensors on its device, or on 8-bit H x W x 3 tiles by `images`."""
 
     device: torch.device
+    model: nn.Module  # the network it runs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -26,20 +27,20 @@ class Engine(Protocol):
 Network = nn.Module | Engine  # what enhance runs: the model itself, or an engine
 
 
-RECEPTIVE_RADIUS = 6  # 9x9 then 1x1 then 5x5: an output pixel sees 6 pixels each way
 DEFAULT_TILE = 768  # ONNX Runtime: 96% of its whole-image speed at 512, 100% from 768 (docs/speed.md)
 
 
 # ---------------------------------------------------------------- the network on whole images
 
 
-def tile_windows(height: int, width: int, tile: int):
-    """(output window, input window) pairs covering an image: each input window adds
-    RECEPTIVE_RADIUS pixels of context, so the network's result on it is exact in the output window.
+def tile_windows(height: int, width: int, tile: int, radius: int):
+    """(output window, input window) pairs covering an image: each input window adds `radius`
+    pixels of context (the network's receptive radius: 6 for 9-1-5), so the network's result on it
+    is exact in the output window.
 
     Windows are (top, bottom, left, right); the output window is given relative to the input one too.
     """
-    r = RECEPTIVE_RADIUS
+    r = radius
     for top in range(0, height, tile):
         for left in range(0, width, tile):
             bottom, right = min(top + tile, height), min(left + tile, width)
@@ -68,15 +69,16 @@ def enhance(network: Network, image: torch.Tensor, self_ensemble: bool = False,
     """
     in_torch = isinstance(network, nn.Module)
     device = next(network.parameters()).device if in_torch else network.device
+    radius = (network if in_torch else network.model).shape.receptive_radius
     _, height, width = image.shape
     if not in_torch and not self_ensemble:  # every pass over the pixels inside ONNX Runtime
         pixels, out = image.permute(1, 2, 0).numpy(), np.empty((height, width, 3), np.uint8)
-        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
+        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, radius):
             out[top:bottom, left:right] = network.images(pixels[t0:b0, l0:r0])[top - t0 : bottom - t0,
                                                                               left - l0 : right - l0]
         return torch.from_numpy(out).permute(2, 0, 1)
     out = torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as images are
-    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile):
+    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, radius):
         x = image[:, t0:b0, l0:r0].to(device).float().div_(255).unsqueeze(0)
         if in_torch:  # PyTorch's CPU convolutions are fastest on channels_last; ONNX Runtime takes NCHW
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,17 +1,53 @@
-"""The SRCNN network of the assignment: 9-1-5, 64/32 filters, RGB in and out."""
+"""The SRCNN network: the assignment's 9-1-5 with 64/32 filters on RGB by default, and the other
+shapes of the paper's studies (filter sizes such as 9-3-5 and 9-5-5, wider layers)."""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class Shape:
+    """Filter sizes f1-f2-f3 and widths n1, n2 of the three layers; odd filter sizes, so that
+    padding of half a filter keeps the output the size of the input."""
+
+    kernels: tuple[int, int, int] = (9, 1, 5)
+    widths: tuple[int, int] = (64, 32)
+
+    def __post_init__(self) -> None:
+        if len(self.kernels) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernels):
+            raise ValueError(f"filter sizes must be three odd numbers, not {self.kernels}")
+        if len(self.widths) != 2 or any(n < 1 for n in self.widths):
+            raise ValueError(f"widths must be two positive numbers, not {self.widths}")
+
+    @property
+    def receptive_radius(self) -> int:
+        """How many pixels each way an output pixel sees: 6 for 9-1-5, 8 for 9-5-5."""
+        return sum(k // 2 for k in self.kernels)
+
+    @property
+    def name(self) -> str:
+        """As the paper and --network write it: 9-5-5."""
+        return "-".join(map(str, self.kernels))
+
+    def __str__(self) -> str:
+        return f"{self.name} with {self.widths[0]}/{self.widths[1]} filters"
+
+
+ASSIGNMENT = Shape()  # Conv 3->64 9x9, ReLU, Conv 64->32 1x1, ReLU, Conv 32->3 5x5: 20,099 parameters
+
+
 class SRCNN(nn.Module):
     """Maps a bicubic-upscaled RGB image in [0, 1] to the high-resolution image, same size."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: Shape = ASSIGNMENT) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=9, padding=4)
-        self.conv2 = nn.Conv2d(64, 32, kernel_size=1)
-        self.conv3 = nn.Conv2d(32, 3, kernel_size=5, padding=2)
+        self.shape = shape
+        (k1, k2, k3), (n1, n2) = shape.kernels, shape.widths
+        self.conv1 = nn.Conv2d(3, n1, kernel_size=k1, padding=k1 // 2)
+        self.conv2 = nn.Conv2d(n1, n2, kernel_size=k2, padding=k2 // 2)
+        self.conv3 = nn.Conv2d(n2, 3, kernel_size=k3, padding=k3 // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv1(x))
@@ -30,9 +66,8 @@ def init_identity_(model: SRCNN, noise_std: float = 1e-3) -> None:
         conv.weight.mul_(noise_std / conv.weight.std())
         conv.bias.zero_()
     for c in range(3):
-        model.conv1.weight[c].zero_()
-        model.conv1.weight[c, c, 4, 4] = 1.0
-        model.conv2.weight[c].zero_()
-        model.conv2.weight[c, c, 0, 0] = 1.0
+        for conv in (model.conv1, model.conv2):
+            conv.weight[c].zero_()
+            conv.weight[c, c, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1.0
         model.conv3.weight[:, c].zero_()
-        model.conv3.weight[c, c, 2, 2] = 1.0
+        model.conv3.weight[c, c, model.conv3.kernel_size[0] // 2, model.conv3.kernel_size[1] // 2] = 1.0

@@ -35,6 +35,7 @@ def summarize(path: str, state: dict) -> dict:
         "path": path,
         "version": state.get("version"),
         "scale": checkpoint.scale_of(state, path),
+        "network": str(checkpoint.shape_of(state, path)),
         "epoch": state.get("epoch"),
         "parameters": sum(p.numel() for p in checkpoint.model_of(state, path, torch.device("cpu")).parameters()),
         "best_psnr": state.get("best_psnr"),
@@ -47,7 +48,7 @@ def summarize(path: str, state: dict) -> dict:
 
 
 def print_summary(summary: dict, whole_history: bool = False) -> None:
-    print(f"{summary['path']}: SRCNN x{summary['scale']}, {summary['parameters']:,} parameters, "
+    print(f"{summary['path']}: SRCNN x{summary['scale']}, {summary['network']}, {summary['parameters']:,} parameters, "
           f"epoch {summary['epoch']}, version {summary['version']}")
     if summary["position"]:
         print(f"  interrupted in epoch {summary['epoch'] + 1} after batch {summary['position']['batch']} of "

@@ -33,7 +33,7 @@ from data import DEGRADATIONS, TrainingPatches, load_pairs
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
 from metrics import evaluate
-from model import SRCNN, init_identity_
+from model import ASSIGNMENT, SRCNN, Shape, init_identity_
 from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from utils import HelpFormatter, UserError, run_cli, seed_everything
@@ -148,7 +148,7 @@ class Trainer:
         self.args, self.processes, self.out_dir = args, processes, Path(args["checkpoint_dir"])
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
-        model = SRCNN()
+        model = SRCNN(checkpoint.shape_of_args(args))
         if args["init"] == "identity":
             init_identity_(model)
         elif init_weights is not None and resumed is None:  # a resumed run has its own weights
@@ -342,6 +342,18 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="bicubic of the inputs: Pillow's, MATLAB's imresize, or per image one of the two each epoch")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
          help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
+    flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
+         help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
+    flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
+         help="the filters of the first two layers, e.g. 128 64")
+
+
+def filter_sizes(text: str) -> str:
+    """--network's value: three odd filter sizes joined by '-', as the paper names its networks."""
+    try:
+        return Shape(tuple(int(k) for k in text.split("-"))).name
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three odd filter sizes such as 9-5-5, not {text!r}") from None
 
 
 def check_training_args(args: dict) -> None:
@@ -359,6 +371,8 @@ def check_training_args(args: dict) -> None:
         raise UserError("--ema-decay must lie in [0, 1)")
     if not all(0 < z <= 1 for z in args["zooms"]):
         raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
+    if not all(n >= 1 for n in args["widths"]):
+        raise UserError("--widths must be at least 1")
 
 
 def recipe_line_to_args(line: str) -> list[str]:
@@ -427,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         check_training_args(options)
         init_weights = None
         if options["init"] not in ("default", "identity"):  # a bad --init CHECKPOINT ends here, before any work
-            init_weights = checkpoint.load_model(options["init"], torch.device("cpu"))[0].state_dict()
+            start = checkpoint.load_model(options["init"], torch.device("cpu"))[0]
+            if start.shape != checkpoint.shape_of_args(options):
+                raise UserError(f"--init {options['init']} holds SRCNN {start.shape}; this run trains "
+                                f"{checkpoint.shape_of_args(options)} (--network, --widths)")
+            init_weights = start.state_dict()
         return fit(options, init_weights=init_weights, command=command)
     resumed = checkpoint.load(args.checkpoint)
     checkpoint.check_resumable(args.checkpoint, resumed)

@@ -4,14 +4,15 @@ from PIL import Image
 
 from data import quantize
 from inference import enhance, super_resolve_image, tile_windows
-from model import SRCNN, init_identity_
+from model import ASSIGNMENT, SRCNN, Shape, init_identity_
 from onnx_engine import engine_for
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[ASSIGNMENT, Shape((9, 5, 5), (48, 24))], ids=str)
+def model(request):
+    """The assignment's network, and one of another shape: every path follows its receptive radius."""
     torch.manual_seed(0)
-    return SRCNN().eval()
+    return SRCNN(request.param).eval()
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def test_tile_windows_give_the_whole_image_result(model):
     whole = model(x)
     for tile in (7, 8, 16):
         tiled = torch.full_like(whole, float("nan"))
-        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(37, 29, tile):
+        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(37, 29, tile, model.shape.receptive_radius):
             y = model(x[:, :, t0:b0, l0:r0])
             tiled[:, :, top:bottom, left:right] = y[:, :, top - t0 : bottom - t0, left - l0 : right - l0]
         assert (tiled - whole).abs().max() < 1e-5
