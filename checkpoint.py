@@ -8,8 +8,8 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     optimizer         Adam's state_dict
     scaler            with --amp fp16 on CUDA, the loss scaler's state; else None
     args              every training argument, expanded (the flags of `train`, by their dest names); its
-                      `network` ("9-5-5") and `widths` ([64, 32]) are the network's shape, and a
-                      checkpoint without them holds the assignment's 9-1-5 with 64/32 filters
+                      `network` ("9-5-5"), `widths` ([64, 32]) and `channels` ("rgb" or "y") are
+                      the network's shape; without them it is the assignment's 9-1-5, 64/32, RGB
     epoch             epochs done
     history           one dict per epoch: epoch, loss, psnr, ssim, lr, seconds, patches_per_s
     best_psnr         the best evaluation PSNR so far
@@ -104,7 +104,8 @@ def load(path: str | Path) -> dict:
 def shape_of_args(args: dict) -> Shape:
     """The shape of the network that training arguments describe (the assignment's without them)."""
     kernels = tuple(int(k) for k in str(args.get("network", ASSIGNMENT.name)).split("-"))
-    return Shape(kernels, tuple(args.get("widths", ASSIGNMENT.widths)))
+    channels = {"rgb": 3, "y": 1}[args.get("channels", "rgb")]
+    return Shape(kernels, tuple(args.get("widths", ASSIGNMENT.widths)), channels)
 
 
 def shape_of(checkpoint: dict, path: str | Path) -> Shape:
@@ -112,12 +113,13 @@ def shape_of(checkpoint: dict, path: str | Path) -> Shape:
     if "args" in checkpoint:
         try:
             return shape_of_args(checkpoint["args"])
-        except (TypeError, ValueError, AttributeError):
-            raise UserError(f"{path}: its 'network' and 'widths' arguments name no SRCNN shape") from None
+        except (TypeError, ValueError, AttributeError, KeyError):
+            raise UserError(f"{path}: its 'network', 'widths' and 'channels' arguments name no SRCNN shape") from None
     weights = checkpoint.get("model", checkpoint)
     try:
         kernels = tuple(int(weights[f"conv{i}.weight"].shape[-1]) for i in (1, 2, 3))
-        return Shape(kernels, (int(weights["conv1.weight"].shape[0]), int(weights["conv2.weight"].shape[0])))
+        widths = (int(weights["conv1.weight"].shape[0]), int(weights["conv2.weight"].shape[0]))
+        return Shape(kernels, widths, int(weights["conv1.weight"].shape[1]))
     except (KeyError, TypeError, AttributeError, IndexError, ValueError):
         return ASSIGNMENT  # not SRCNN weights: network() names what is missing or wrong
 
@@ -254,7 +256,7 @@ def resume_options(path: str | Path, checkpoint: dict, given: dict, defaults: di
     scale_of(checkpoint, path, given.get("scale"))
     shape = shape_of(checkpoint, path)
     if shape_of_args({**checkpoint["args"], **given}) != shape:
-        raise UserError(f"{path} holds SRCNN {shape}; --network and --widths cannot change it")
+        raise UserError(f"{path} holds SRCNN {shape}; --network, --widths and --channels cannot change it")
     return {**defaults, **checkpoint["args"], "cuda": False, **given}
 
 

@@ -83,6 +83,23 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma as MATLAB's rgb2ycbcr: RGB in [0, 255] -> Y in [16, 235], channel dim -3."""
+    r, g, b = x.unbind(-3)
+    return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+
+
+# RGB per unit of that luma at constant Cb and Cr: MATLAB's ycbcr2rgb maps a change dY of Y (in
+# [16, 235]) to the same change 255 / 219 * dY of R, G and B, as Cb and Cr weigh R, G, B summing to 0
+RGB_PER_LUMA = 255 / 219
+
+
+def with_luma(rgb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] whose luma (rgb_to_y / 255) is `y` and whose Cb and Cr are those of `rgb`:
+    how a Y-channel network's output becomes a colour picture."""
+    return rgb + (y - rgb_to_y(rgb * 255).unsqueeze(-3) / 255) * RGB_PER_LUMA
+
+
 def save_image(image: Image.Image, path: Path) -> None:
     """Write an image with Pillow in the format its suffix names (PNG at PNG_COMPRESS_LEVEL)."""
     check_writable(path, "image")

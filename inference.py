@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data import image_to_tensor, quantize, split_modes, tensor_to_image, upscale
+from data import image_to_tensor, quantize, rgb_to_y, split_modes, tensor_to_image, upscale, with_luma
 
 
 class Engine(Protocol):
@@ -59,30 +59,40 @@ def forward_ensemble(model: Network, x: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
+def picture(network: Network, x: torch.Tensor, luma: bool, self_ensemble: bool) -> torch.Tensor:
+    """The network's output for a bicubic RGB tile `x` in [0, 1], as RGB in [0, 1]. With `luma` (a
+    Y-channel network) the network runs on the tile's Y, and its output replaces that Y; Cb and Cr
+    stay the bicubic input's, as the paper makes its colour pictures."""
+    inputs = rgb_to_y(x * 255).unsqueeze(-3) / 255 if luma else x
+    out = forward_ensemble(network, inputs) if self_ensemble else network(inputs)
+    return with_luma(x, out) if luma else out
+
+
 @torch.no_grad()
 def enhance(network: Network, image: torch.Tensor, self_ensemble: bool = False,
             tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W.
+    """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W (a Y network's too).
 
     Works tile by tile, so memory stays bounded for any image size on CPU and GPU alike, with
     enough overlap that the result equals whole-image inference.
     """
     in_torch = isinstance(network, nn.Module)
     device = next(network.parameters()).device if in_torch else network.device
-    radius = (network if in_torch else network.model).shape.receptive_radius
+    shape = (network if in_torch else network.model).shape
+    luma = shape.channels == 1
     _, height, width = image.shape
-    if not in_torch and not self_ensemble:  # every pass over the pixels inside ONNX Runtime
+    if not in_torch and not self_ensemble and not luma:  # every pass over the pixels inside ONNX Runtime
         pixels, out = image.permute(1, 2, 0).numpy(), np.empty((height, width, 3), np.uint8)
-        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, radius):
+        for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, shape.receptive_radius):
             out[top:bottom, left:right] = network.images(pixels[t0:b0, l0:r0])[top - t0 : bottom - t0,
                                                                               left - l0 : right - l0]
         return torch.from_numpy(out).permute(2, 0, 1)
     out = torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as images are
-    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, radius):
+    for (top, bottom, left, right), (t0, b0, l0, r0) in tile_windows(height, width, tile, shape.receptive_radius):
         x = image[:, t0:b0, l0:r0].to(device).float().div_(255).unsqueeze(0)
         if in_torch:  # PyTorch's CPU convolutions are fastest on channels_last; ONNX Runtime takes NCHW
             x = x.contiguous(memory_format=torch.channels_last)
-        y = forward_ensemble(network, x) if self_ensemble else network(x)
+        y = picture(network, x, luma, self_ensemble)
         out[:, top:bottom, left:right] = quantize(y[0, :, top - t0 : bottom - t0, left - l0 : right - l0]).cpu()
     return out
 

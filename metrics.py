@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import quantize
+from data import quantize, rgb_to_y
 from inference import Network, enhance
-
-
-def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma as MATLAB's rgb2ycbcr: RGB in [0, 255] -> Y in [16, 235], channel dim -3."""
-    r, g, b = x.unbind(-3)
-    return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
 
 
 def _metric_planes(sr: torch.Tensor, hr: torch.Tensor, shave: int, y_channel: bool) -> tuple:

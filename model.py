@@ -1,5 +1,5 @@
 """The SRCNN network: the assignment's 9-1-5 with 64/32 filters on RGB by default, and the other
-shapes of the paper's studies (filter sizes such as 9-3-5 and 9-5-5, wider layers)."""
+shapes of the paper's studies (filter sizes such as 9-3-5 and 9-5-5, wider layers, the Y channel)."""
 
 from dataclasses import dataclass
 
@@ -9,17 +9,21 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Shape:
-    """Filter sizes f1-f2-f3 and widths n1, n2 of the three layers; odd filter sizes, so that
-    padding of half a filter keeps the output the size of the input."""
+    """Filter sizes f1-f2-f3 and widths n1, n2 of the three layers, and the channels in and out:
+    3 (RGB) or 1 (the Y channel, as the paper's main tables). Odd filter sizes, so that padding of
+    half a filter keeps the output the size of the input."""
 
     kernels: tuple[int, int, int] = (9, 1, 5)
     widths: tuple[int, int] = (64, 32)
+    channels: int = 3
 
     def __post_init__(self) -> None:
         if len(self.kernels) != 3 or any(k < 1 or k % 2 == 0 for k in self.kernels):
             raise ValueError(f"filter sizes must be three odd numbers, not {self.kernels}")
         if len(self.widths) != 2 or any(n < 1 for n in self.widths):
             raise ValueError(f"widths must be two positive numbers, not {self.widths}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 3 (RGB) or 1 (Y), not {self.channels}")
 
     @property
     def receptive_radius(self) -> int:
@@ -32,22 +36,22 @@ class Shape:
         return "-".join(map(str, self.kernels))
 
     def __str__(self) -> str:
-        return f"{self.name} with {self.widths[0]}/{self.widths[1]} filters"
+        return f"{self.name} with {self.widths[0]}/{self.widths[1]} filters on {'RGB' if self.channels == 3 else 'Y'}"
 
 
 ASSIGNMENT = Shape()  # Conv 3->64 9x9, ReLU, Conv 64->32 1x1, ReLU, Conv 32->3 5x5: 20,099 parameters
 
 
 class SRCNN(nn.Module):
-    """Maps a bicubic-upscaled RGB image in [0, 1] to the high-resolution image, same size."""
+    """Maps a bicubic-upscaled image in [0, 1] (RGB, or its Y channel) to the high-resolution one, same size."""
 
     def __init__(self, shape: Shape = ASSIGNMENT) -> None:
         super().__init__()
         self.shape = shape
-        (k1, k2, k3), (n1, n2) = shape.kernels, shape.widths
-        self.conv1 = nn.Conv2d(3, n1, kernel_size=k1, padding=k1 // 2)
+        (k1, k2, k3), (n1, n2), c = shape.kernels, shape.widths, shape.channels
+        self.conv1 = nn.Conv2d(c, n1, kernel_size=k1, padding=k1 // 2)
         self.conv2 = nn.Conv2d(n1, n2, kernel_size=k2, padding=k2 // 2)
-        self.conv3 = nn.Conv2d(n2, 3, kernel_size=k3, padding=k3 // 2)
+        self.conv3 = nn.Conv2d(n2, c, kernel_size=k3, padding=k3 // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv1(x))
@@ -57,7 +61,7 @@ class SRCNN(nn.Module):
 
 @torch.no_grad()
 def init_identity_(model: SRCNN, noise_std: float = 1e-3) -> None:
-    """Start training at bicubic quality: three channels carry the input straight through.
+    """Start training at bicubic quality: as many channels as the input has carry it straight through.
 
     The input is non-negative, so the ReLUs pass it unchanged; every other weight stays at its
     default random value, scaled down so that the start is close to the identity mapping.
@@ -65,7 +69,7 @@ def init_identity_(model: SRCNN, noise_std: float = 1e-3) -> None:
     for conv in (model.conv1, model.conv2, model.conv3):
         conv.weight.mul_(noise_std / conv.weight.std())
         conv.bias.zero_()
-    for c in range(3):
+    for c in range(model.shape.channels):
         for conv in (model.conv1, model.conv2):
             conv.weight[c].zero_()
             conv.weight[c, c, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1.0

@@ -81,7 +81,8 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
         chain.then("Transpose", perm=[0, 2, 3, 1])
     nodes = chain.nodes
     nodes[-1].output[0] = "sr" if images else "output"
-    shape = ["batch", "height", "width", 3] if images else ["batch", 3, "height", "width"]
+    channels = model.shape.channels  # 3, or 1 for a Y network (whose graph takes and gives its Y, not 8-bit images)
+    shape = ["batch", "height", "width", channels] if images else ["batch", channels, "height", "width"]
     kind = TensorProto.UINT8 if images else TensorProto.FLOAT
     graph = helper.make_graph(nodes, "srcnn", [helper.make_tensor_value_info(nodes[0].input[0], kind, shape)],
                               [helper.make_tensor_value_info(nodes[-1].output[0], kind, shape)], chain.weights)

@@ -212,11 +212,14 @@ def plot_filters(weight: torch.Tensor, path: Path) -> None:
     weight = weight.detach().float().cpu()
     low = weight.amin(dim=(1, 2, 3), keepdim=True)
     spread = (weight.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
-    patches = ((weight - low) / spread).permute(0, 2, 3, 1).numpy()  # N x 9 x 9 x RGB in [0, 1]
+    patches = ((weight - low) / spread).permute(0, 2, 3, 1).numpy()  # N x 9 x 9 x RGB (or Y) in [0, 1]
+    if patches.shape[-1] == 1:  # a Y network's filters: gray
+        patches = patches.repeat(3, axis=-1)
     columns = math.ceil(math.sqrt(len(patches)))
     rows = math.ceil(len(patches) / columns)
     figure = new_figure(columns * 0.8, rows * 0.8 + 0.4)
-    figure.suptitle(f"first-layer filters ({len(patches)} of {weight.shape[2]}x{weight.shape[3]}, RGB)")
+    figure.suptitle(f"first-layer filters ({len(patches)} of {weight.shape[2]}x{weight.shape[3]}, "
+                    f"{'RGB' if weight.shape[1] == 3 else 'Y'})")
     for i, axes in enumerate(figure.subplots(rows, columns).flat):
         axes.set_axis_off()
         if i < len(patches):

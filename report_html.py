@@ -14,9 +14,8 @@ from urllib.parse import quote
 import torch
 import torch.nn.functional as F
 
-from data import downscale, image_to_tensor, save_image, tensor_to_image
+from data import downscale, image_to_tensor, rgb_to_y, save_image, tensor_to_image
 from files import atomic_write
-from metrics import rgb_to_y
 
 CROP = 48  # side of the zoomed window in HR pixels (at most a third of the image's shorter side)
 CROP_DISPLAY = 192  # about how wide each zoomed crop is drawn, in pixels

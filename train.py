@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import checkpoint
 import info
-from data import DEGRADATIONS, TrainingPatches, load_pairs
+from data import DEGRADATIONS, TrainingPatches, load_pairs, rgb_to_y
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
 from metrics import evaluate
@@ -79,12 +79,14 @@ def cpu_chunk(patch_size: int) -> int:
     return max(1, CPU_CHUNK_PIXELS // patch_size**2)
 
 
-def make_batch(inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
-               transform: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 patches -> float [0, 1] on their device, under one of the 8 flips/rotations (0 = none)."""
+def make_batch(inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, transform: int,
+               luma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 RGB patches -> float [0, 1] on their device, under one of the 8 flips/rotations (0 = none);
+    with `luma`, their Y channel (the metric's, / 255) for a Y network."""
     pair = []
     for source in (inputs, targets):
-        x = source[index].float().div_(255)
+        x = source[index].float()
+        x = rgb_to_y(x).unsqueeze(-3).div_(255) if luma else x.div_(255)
         if transform & 4:
             x = x.flip(-1)
         if transform & 3:  # rot90 copies even by 0 turns
@@ -191,7 +193,8 @@ class Trainer:
         of `progress` (epochs done); its loss summed over the batch, on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.args, progress)
-        inputs, targets = make_batch(self.patches.inputs, self.patches.targets, index, transform)
+        inputs, targets = make_batch(self.patches.inputs, self.patches.targets, index, transform,
+                                     self.model.shape.channels == 1)
         loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
                           self.args["loss_border"], self.chunk)
         if self.ema is not None:
@@ -346,6 +349,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
     flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
          help="the filters of the first two layers, e.g. 128 64")
+    flag("--channels", choices=["rgb", "y"], default="rgb",
+         help="what the network maps: RGB, or the Y channel (BT.601) as the paper's main tables, Cb and Cr "
+              "then taken from the bicubic input")
 
 
 def filter_sizes(text: str) -> str:
@@ -444,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             start = checkpoint.load_model(options["init"], torch.device("cpu"))[0]
             if start.shape != checkpoint.shape_of_args(options):
                 raise UserError(f"--init {options['init']} holds SRCNN {start.shape}; this run trains "
-                                f"{checkpoint.shape_of_args(options)} (--network, --widths)")
+                                f"{checkpoint.shape_of_args(options)} (--network, --widths, --channels)")
             init_weights = start.state_dict()
         return fit(options, init_weights=init_weights, command=command)
     resumed = checkpoint.load(args.checkpoint)

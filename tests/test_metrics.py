@@ -4,8 +4,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from data import load_pairs, quantize
-from metrics import evaluate, psnr, rgb_to_y, ssim
+from data import load_pairs, quantize, rgb_to_y
+from metrics import evaluate, psnr, ssim
 
 
 def test_psnr_of_one_level_difference_by_hand():

@@ -10,10 +10,11 @@ from PIL import Image
 
 from checkpoint import load_model
 from conftest import assert_clean_error
-from model import SRCNN, Shape
+from model import SRCNN, Shape, init_identity_
 
 SHAPES = {"9-3-5": ("--network", "9-3-5", "--widths", "16", "8"),
-          "9-5-5": ("--network", "9-5-5", "--widths", "12", "6")}
+          "9-5-5": ("--network", "9-5-5", "--widths", "12", "6"),
+          "9-5-5 Y": ("--network", "9-5-5", "--widths", "12", "6", "--channels", "y")}
 QUICK = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3")
 
 
@@ -25,13 +26,15 @@ def test_a_shape_trains_resumes_loads_exports_and_upscales(cli, mini_root, tmp_p
     resumed = cli("train", "resume", str(out / "last.pth"), "--num-epoch", "2")
     assert resumed.returncode == 0, resumed.stderr
     model, scale, checkpoint = load_model(out / "last.pth", torch.device("cpu"))
-    assert model.shape == Shape(tuple(map(int, name.split("-"))), tuple(checkpoint["args"]["widths"]))
-    assert checkpoint["epoch"] == 2 and checkpoint["args"]["network"] == name
-    assert f"{name} with " in cli("train", "inspect", str(out / "last.pth")).stdout
+    network, _, colour = name.partition(" ")
+    channels = 1 if colour == "Y" else 3
+    assert model.shape == Shape(tuple(map(int, network.split("-"))), tuple(checkpoint["args"]["widths"]), channels)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["network"] == network
+    assert f"{network} with " in cli("train", "inspect", str(out / "last.pth")).stdout
 
     exported = tmp_path / "m.onnx"
     assert cli("super_resolve", "--checkpoint", str(out / "last.pth"), "--export", str(exported)).returncode == 0
-    x = torch.rand(1, 3, 29, 37)
+    x = torch.rand(1, channels, 29, 37)
     with torch.no_grad():
         expected = model(x).numpy()
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
@@ -48,10 +51,39 @@ def test_a_shape_trains_resumes_loads_exports_and_upscales(cli, mini_root, tmp_p
     assert outputs[0].shape == (90, 120, 3) and np.abs(outputs[0] - outputs[1]).max() <= 1  # within one level
 
 
-def test_a_bare_state_dict_of_another_shape_loads_by_its_weights(tmp_path):
+def ycbcr(picture: np.ndarray) -> np.ndarray:
+    """Y, Cb, Cr as MATLAB's rgb2ycbcr, from 8-bit RGB."""
+    matrix = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255
+    return picture.astype(np.float64) @ matrix.T + [16, 128, 128]
+
+
+def test_a_y_network_keeps_the_colour_of_the_bicubic_input(cli, tmp_path):
     torch.manual_seed(0)
-    shape = Shape((9, 5, 5), (64, 32))
-    torch.save(SRCNN(shape).state_dict(), tmp_path / "port.pth")  # as the popular ports publish 9-5-5
+    model = SRCNN(Shape((9, 5, 5), (16, 8), channels=1))
+    init_identity_(model)  # Y in, about Y out
+    with torch.no_grad():
+        model.conv3.bias += 0.05  # and a visible change of it
+    torch.save(model.state_dict(), tmp_path / "y.pth")  # a bare state_dict: read as Y by its weights
+    lr = tmp_path / "lr.png"
+    Image.effect_noise((30, 20), 60).convert("RGB").point(lambda v: v // 2 + 64).save(lr)
+    assert cli("super_resolve", "--checkpoint", str(tmp_path / "y.pth"), str(lr), "--engine", "torch",
+               "--output", str(tmp_path / "sr.png")).returncode == 0
+    sr = ycbcr(np.asarray(Image.open(tmp_path / "sr.png")))
+    bicubic = Image.open(lr).resize((90, 60), Image.Resampling.BICUBIC)
+    ours = ycbcr(np.asarray(bicubic))
+    assert np.abs(sr[..., 1:] - ours[..., 1:]).max() < 2  # Cb and Cr: the bicubic input's, 8-bit rounded
+    with torch.no_grad():
+        y_in = torch.from_numpy(ours[..., 0] / 255).float()[None, None]
+        expected = model(y_in)[0, 0].numpy() * 255
+    assert np.abs(sr[..., 0] - expected).max() < 2  # Y: the network's, 8-bit rounded
+    assert np.abs(sr[..., 0] - ours[..., 0]).mean() > 5
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_bare_state_dict_of_another_shape_loads_by_its_weights(tmp_path, channels):
+    torch.manual_seed(0)
+    shape = Shape((9, 5, 5), (64, 32), channels)
+    torch.save(SRCNN(shape).state_dict(), tmp_path / "port.pth")  # as the popular ports publish 9-5-5 on Y
     model, scale, _ = load_model(tmp_path / "port.pth", torch.device("cpu"))
     assert model.shape == shape and scale == 3
 
