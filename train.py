@@ -201,6 +201,14 @@ class Trainer:
             update_ema(self.ema, self.model, self.args["ema_decay"], optimizer_steps(self.optimizer))
         return loss * len(index)
 
+    def draw_epoch(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """This epoch's random draws: its patches (the grid's offset, with --fresh-crops), the patch
+        indices of each of this process's batches, and each batch's flip/rotation (with --augment)."""
+        args = self.args
+        self.patches.new_epoch(self.generator, move_grid=args["fresh_crops"])
+        batches = self.processes.share(len(self.patches), args["batch_size"], args["seed"], self.progress.epoch)
+        return batches, torch.randint(8 if args["augment"] else 1, (len(batches),), generator=self.generator)
+
     def run_epoch(self, stop: StopRequest) -> tuple[dict | None, int | None]:
         """One epoch of steps (from progress.position, if an interrupted one is resumed). Returns the
         training part of its history record (None if stopped mid-epoch: progress.position then says
@@ -209,9 +217,7 @@ class Trainer:
         args, progress, processes = self.args, self.progress, self.processes
         epoch_start = self.generator.get_state()
         position = progress.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
-        self.patches.new_epoch(self.generator, move_grid=args["fresh_crops"])
-        batches = processes.share(len(self.patches), args["batch_size"], args["seed"], progress.epoch)
-        transforms = torch.randint(8 if args["augment"] else 1, (len(batches),), generator=self.generator)
+        batches, transforms = self.draw_epoch()
         loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
                                 device=processes.device)  # summed on the device: no wait for it per step
         start = time.perf_counter() - position["seconds"]

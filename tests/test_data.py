@@ -1,4 +1,5 @@
 import functools
+import hashlib
 import http.server
 import os
 import shutil
@@ -13,10 +14,12 @@ import resize_right
 import torch
 from PIL import Image
 
+import train
 from conftest import ROOT, assert_clean_error, find_real_data
 from data import TrainingPatches, degrade, list_images, load_pairs, matlab_resize, modcrop
 from download import download, read_manifest
 from files import current_umask
+from processes import Processes
 from utils import UserError
 
 
@@ -209,3 +212,26 @@ def test_mixed_degradation_draws_each_images_input_every_epoch(mini_root):
     before = generator.get_state()
     pil.new_epoch(generator, move_grid=False)  # nothing to draw: the single-kind, fixed-grid run stays as it was
     assert torch.equal(generator.get_state(), before)
+
+
+# The x3 recipe's first batches of its first two epochs, as a digest of their uint8 patches and
+# flips/rotations: recorded from the code that trained the shipped models (before issue 44's
+# streaming), so that a change of how patches are held cannot change what a recipe trains on.
+RECIPE_BATCHES_SHA256 = "c7e91e1be083ea8fe25ccbc45d730550bbc91f7c239abeefebede9edea45acdc"
+
+
+@pytest.mark.slow
+def test_the_x3_recipes_first_batches_are_what_they_were(real_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = vars(train.build_parser()[0].parse_args(
+        ["train", "@recipes/x3.args", "--data-root", str(real_data), "--checkpoint-dir", str(tmp_path)]))
+    trainer = train.Trainer(args, Processes(torch.device("cpu")))
+    digest = hashlib.sha256()
+    for epoch in range(2):
+        trainer.progress.epoch = epoch
+        batches, transforms = trainer.draw_epoch()
+        for index, transform in zip(batches[:5], transforms[:5].tolist(), strict=True):
+            for patches in (trainer.patches.inputs, trainer.patches.targets):
+                digest.update(patches[index].numpy().tobytes())
+            digest.update(bytes([transform]))
+    assert digest.hexdigest() == RECIPE_BATCHES_SHA256
