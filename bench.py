@@ -83,7 +83,7 @@ def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device)
     synchronize(device)
     start = time.perf_counter()
     for index in torch.randperm(len(inputs), device=device).split(BATCH):
-        x, y = make_batch(inputs, targets, index, 0)
+        x, y = make_batch(inputs[index], targets[index], 0)
         train_step(model, optimizer, x, y, autocast, scaler, chunk=cpu_chunk(PATCH) if device.type == "cpu" else None)
     synchronize(device)
     return len(inputs) / (time.perf_counter() - start)

@@ -237,14 +237,23 @@ def load_pairs(
     return pairs
 
 
-class TrainingPatches:
-    """All (input, target) patch pairs of a folder, held in memory (on the training device) as
-    uint8 N x 3 x P x P tensors.
+def rows_of(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """Every run of `length` consecutive pixels of a (pixels, C) buffer, as a view: run k is
+    buffer[k : k + length]. Indexing it gathers whole patch rows, not one pixel at a time."""
+    return buffer.as_strided((len(buffer) - length + 1, length, buffer.shape[1]), (buffer.shape[1], buffer.shape[1], 1))
 
-    Every epoch may move the patch grid inside each image (fresh crops, at the cost of one cheap
-    re-extraction; offset 0 is the assignment's fixed grid). `zooms` adds shrunk copies of every
-    image: more varied training detail from the same 91 images. `degradation` "mixed" keeps each
-    image's input made both ways (Pillow, MATLAB) and draws one of the two per image every epoch.
+
+class TrainingPatches:
+    """The (input, target) patch pairs of a folder: its images held in memory on the training device
+    as uint8, and this epoch's grid of patch positions in them. A batch's patches are cut from the
+    images when it is drawn (`take`), so memory is that of the images, not of their overlapping
+    patches (T91 at the x3 recipe's five zooms: 27,243 patches of 48x48 would take 377 MB).
+
+    Patch i is the i-th of the grids of all images, image by image, each grid row by row. Every
+    epoch may move the grid inside each image (fresh crops; offset 0 is the assignment's fixed
+    grid). `zooms` adds shrunk copies of every image: more varied training detail from the same 91
+    images. `degradation` "mixed" keeps each image's input made both ways (Pillow, MATLAB) and draws
+    one of the two per image every epoch.
     """
 
     def __init__(
@@ -259,36 +268,56 @@ class TrainingPatches:
     ) -> None:
         kinds = DEGRADATIONS if degradation == "mixed" else (degradation,)
         made = [load_pairs(folder, scale, zooms, kind) for kind in kinds]
-        # images smaller than a patch hold none; the rest live on `device`, where patches are cut and batched
-        self.images = [([pairs[i][1].to(device) for pairs in made], y.to(device))
-                       for i, (_, x, y) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]
-        self.patch_size, self.stride, self.kinds = patch_size, stride, len(kinds)
-        if not self.images:
+        kept = [i for i, (_, x, _) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]  # the rest hold none
+        if not kept:
             raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")
-        self.inputs, self.targets = self.extract(0)
+        self.patch_size, self.stride, self.kinds = patch_size, stride, len(kinds)
+        self.sizes = [tuple(made[0][i][2].shape[1:]) for i in kept]  # (height, width) of each image
+        pixels = torch.tensor([h * w for h, w in self.sizes])
+        self.starts = (torch.cumsum(pixels, 0) - pixels).tolist()  # where each image begins in the buffers
+        self.pixels = int(pixels.sum())
 
-    def extract(self, offset: int, kinds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patches of the grid shifted by `offset`, from each image's input of kind kinds[i]."""
+        def flat(tensors: list[torch.Tensor]) -> torch.Tensor:  # C x H x W images as one (pixels, C) buffer
+            return torch.cat([t.permute(1, 2, 0).reshape(-1, t.shape[0]) for t in tensors]).to(device)
+
+        self.inputs = flat([pairs[i][1] for pairs in made for i in kept])  # each kind's images in turn
+        self.targets = flat([made[0][i][2] for i in kept])
+        self.steps = torch.arange(patch_size, device=device)
+        self.place(0, None)
+
+    def place(self, offset: int, kinds: list[int] | None) -> None:
+        """Lay the grid at `offset` in each image (in none smaller than the patch plus the offset),
+        each image's input taken of kind kinds[i]: every patch's top-left pixel in the buffers and
+        its image's width."""
         p, s = self.patch_size, self.stride
-        inputs, targets = [], []
-        for i, (made, y) in enumerate(self.images):
-            x = made[kinds[i] if kinds else 0]
-            o = offset if min(x.shape[1:]) >= p + offset else 0
-            for source, out in ((x, inputs), (y, targets)):
-                grid = source[:, o:, o:].unfold(1, p, s).unfold(2, p, s)  # 3, rows, cols, p, p
-                out.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p))
-        return torch.cat(inputs), torch.cat(targets)
+        corners, widths, shifts = [], [], []
+        for i, ((height, width), start) in enumerate(zip(self.sizes, self.starts, strict=True)):
+            o = offset if min(height, width) >= p + offset else 0
+            tops, lefts = torch.arange(o, height - p + 1, s), torch.arange(o, width - p + 1, s)
+            corners.append(start + (tops[:, None] * width + lefts[None, :]).flatten())
+            widths.append(torch.full((len(corners[-1]),), width))
+            shifts.append(torch.full((len(corners[-1]),), (kinds[i] if kinds else 0) * self.pixels))
+        device = self.steps.device
+        self.corners, self.widths, self.shifts = (torch.cat(t).to(device) for t in (corners, widths, shifts))
 
     def new_epoch(self, generator: torch.Generator, move_grid: bool) -> None:
         """Draw this epoch's patches: the grid at a random offset in [0, stride) if `move_grid`, each
         image's degradation if mixed. Draws nothing, and keeps the patches, when neither applies."""
         offset = int(torch.randint(self.stride, (1,), generator=generator)) if move_grid else 0
-        kinds = torch.randint(self.kinds, (len(self.images),), generator=generator).tolist() if self.kinds > 1 else None
+        kinds = torch.randint(self.kinds, (len(self.sizes),), generator=generator).tolist() if self.kinds > 1 else None
         if move_grid or kinds:
-            self.inputs, self.targets = self.extract(offset, kinds)
+            self.place(offset, kinds)
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches at `index` (on the training device), as uint8 N x 3 x P x P (input, target),
+        channels-last in memory: gathered from the images row by row, without a loop over patches."""
+        corners, widths, shifts = (t[index].view(-1, 1) for t in (self.corners, self.widths, self.shifts))
+        rows = corners + self.steps * widths  # N x P: where each of the patches' rows begins in the buffers
+        return tuple(rows_of(buffer, self.patch_size)[at].permute(0, 3, 1, 2)
+                     for buffer, at in ((self.inputs, rows + shifts), (self.targets, rows)))
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.corners)
 
 
 if __name__ == "__main__":  # `python data.py download`: the command line of download.py

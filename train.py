@@ -79,13 +79,13 @@ def cpu_chunk(patch_size: int) -> int:
     return max(1, CPU_CHUNK_PIXELS // patch_size**2)
 
 
-def make_batch(inputs: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, transform: int,
+def make_batch(inputs: torch.Tensor, targets: torch.Tensor, transform: int,
                luma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 RGB patches -> float [0, 1] on their device, under one of the 8 flips/rotations (0 = none);
-    with `luma`, their Y channel (the metric's, / 255) for a Y network."""
+    """A batch's uint8 RGB patches -> float [0, 1] on their device, under one of the 8 flips/rotations
+    (0 = none); with `luma`, their Y channel (the metric's, / 255) for a Y network."""
     pair = []
     for source in (inputs, targets):
-        x = source[index].float()
+        x = source.float()
         x = rgb_to_y(x).unsqueeze(-3).div_(255) if luma else x.div_(255)
         if transform & 4:
             x = x.flip(-1)
@@ -193,8 +193,7 @@ class Trainer:
         of `progress` (epochs done); its loss summed over the batch, on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.args, progress)
-        inputs, targets = make_batch(self.patches.inputs, self.patches.targets, index, transform,
-                                     self.model.shape.channels == 1)
+        inputs, targets = make_batch(*self.patches.take(index), transform, self.model.shape.channels == 1)
         loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
                           self.args["loss_border"], self.chunk)
         if self.ema is not None:

@@ -48,10 +48,16 @@ def test_patch_count_and_content(mini_root):
     patches = TrainingPatches(mini_root / "T91", scale=3, patch_size=33, stride=14)
     per_side = (72 - 33) // 14 + 1  # 3
     assert len(patches) == 2 * per_side**2
-    assert patches.inputs.dtype == torch.uint8 and patches.inputs.shape == (18, 3, 33, 33)
-    _, x, y = load_pairs(mini_root / "T91", 3)[0]
-    assert torch.equal(patches.inputs[1], x[:, 0:33, 14:47])
-    assert torch.equal(patches.targets[3], y[:, 14:47, 0:33])
+    inputs, targets = patches.take(torch.arange(len(patches)))
+    assert inputs.dtype == torch.uint8 and inputs.shape == targets.shape == (18, 3, 33, 33)
+    (_, x, y), (_, x2, _) = load_pairs(mini_root / "T91", 3)
+    assert torch.equal(inputs[1], x[:, 0:33, 14:47])
+    assert torch.equal(targets[3], y[:, 14:47, 0:33])
+    assert torch.equal(inputs[9 + 8], x2[:, 28:61, 28:61])  # the second image's last patch
+    patches.new_epoch(torch.Generator().manual_seed(1), move_grid=True)  # the grid moved by an offset o
+    moved = patches.take(torch.tensor([0]))[0][0]
+    o = next(o for o in range(14) if torch.equal(moved, x[:, o:o + 33, o:o + 33]))
+    assert len(patches) == 2 * ((72 - o - 33) // 14 + 1) ** 2
 
 
 def test_zooms_add_shrunk_copies_of_each_training_image(mini_root):
@@ -175,7 +181,8 @@ def test_images_smaller_than_a_patch_are_skipped_among_larger_ones(tmp_path):
     Image.new("RGB", (72, 72), "red").save(tmp_path / "T91" / "big.png")
     Image.new("RGB", (90, 30), "blue").save(tmp_path / "T91" / "flat.png")  # 30 px high: no 33 px patch
     patches = TrainingPatches(tmp_path / "T91", 3, 33, 14)
-    assert len(patches) == 3**2 and patches.inputs[:, 0].float().mean() > 200  # all from the red image
+    red = patches.take(torch.arange(len(patches)))[0][:, 0].float()
+    assert len(patches) == 3**2 and red.mean() > 200  # all from the red image
     patches.new_epoch(torch.Generator().manual_seed(0), move_grid=True)
     assert len(patches) in (2**2, 3**2)
 
@@ -198,14 +205,16 @@ def test_mixed_degradation_draws_each_images_input_every_epoch(mini_root):
     pil = TrainingPatches(mini_root / "T91", 3, 33, 14)
     matlab = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="matlab")
     mixed = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="mixed")
-    assert not torch.equal(pil.inputs, matlab.inputs) and torch.equal(pil.targets, matlab.targets)
+    every = torch.arange(len(pil))
+    (pil_in, pil_out), (matlab_in, matlab_out) = pil.take(every), matlab.take(every)
+    assert not torch.equal(pil_in, matlab_in) and torch.equal(pil_out, matlab_out)
     seen = set()
     generator = torch.Generator().manual_seed(0)
     for _ in range(8):
         mixed.new_epoch(generator, move_grid=False)
         for image in range(2):  # 9 patches an image: each image's come from one of the two inputs
             part = slice(9 * image, 9 * image + 9)
-            kind = [torch.equal(mixed.inputs[part], made.inputs[part]) for made in (pil, matlab)]
+            kind = [torch.equal(mixed.take(every)[0][part], made_in[part]) for made_in in (pil_in, matlab_in)]
             assert kind in ([True, False], [False, True])
             seen.add((image, kind[0]))
     assert len(seen) == 4  # both images got both kinds over the epochs
@@ -231,7 +240,7 @@ def test_the_x3_recipes_first_batches_are_what_they_were(real_data, tmp_path, mo
         trainer.progress.epoch = epoch
         batches, transforms = trainer.draw_epoch()
         for index, transform in zip(batches[:5], transforms[:5].tolist(), strict=True):
-            for patches in (trainer.patches.inputs, trainer.patches.targets):
-                digest.update(patches[index].numpy().tobytes())
+            for patches in trainer.patches.take(index):
+                digest.update(patches.numpy().tobytes())
             digest.update(bytes([transform]))
     assert digest.hexdigest() == RECIPE_BATCHES_SHA256
