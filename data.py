@@ -4,7 +4,7 @@ and up), the evaluation pairs and the training patches.
 Run `python data.py download` to fetch the data sets listed in datasets.tsv (download.py).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,25 @@ PNG_COMPRESS_LEVEL = 3  # zlib level of written PNGs: a third of the default's t
 
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turned upright as a viewer shows it (EXIF orientation)."""
+    return read_image(path, decode=True)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it (up to EXIF rotation,
+    which swaps the two)."""
+    return read_image(path, decode=False).size
+
+
+def read_image(path: str | Path, decode: bool) -> Image.Image:
+    """An image file decoded and turned upright, or (not `decode`) only its header read; a file
+    Pillow cannot read ends in one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
+            if not decode:
+                return image
             image.load()
             return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
@@ -212,29 +226,48 @@ def fix_hint(folder: Path) -> str:
     return "fix: put images in it, or pass --data-root DIR with one folder per set (T91/, Set5/, ...)"
 
 
+def shrunk_size(size: tuple[int, int], zoom: float) -> tuple[int, int]:
+    return size if zoom == 1 else (max(1, round(size[0] * zoom)), max(1, round(size[1] * zoom)))
+
+
 def shrink(image: Image.Image, zoom: float) -> Image.Image:
     """Pillow bicubic resize by `zoom` <= 1: the same scene with denser detail per pixel."""
     if zoom == 1:
         return image
-    size = (max(1, round(image.width * zoom)), max(1, round(image.height * zoom)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return image.resize(shrunk_size(image.size, zoom), Image.Resampling.BICUBIC)
 
 
-def load_pairs(
-    folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,), degradation: str = "pil"
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, bicubic input, HR) for every image of a folder (and every zoom of it), as uint8 3 x H x W tensors."""
-    pairs = []
-    for path in list_images(folder):
-        image = load_rgb(path)
-        for zoom in zooms:
-            shrunk = shrink(image, zoom)
-            if min(shrunk.size) < scale:
-                continue
-            lr_up, hr = degrade(shrunk, scale, degradation)
-            name = path.stem if zoom == 1 else f"{path.stem}@{zoom:g}"
-            pairs.append((name, image_to_tensor(lr_up), image_to_tensor(hr)))
-    return pairs
+class ImagePairs:
+    """(name, bicubic input, HR) of every image of a folder and every zoom of it, as uint8 3 x H x W
+    tensors, each image read and degraded when the iteration reaches it: one image in memory at a
+    time. Made from the file names and headers alone, so a missing or empty folder, or a file
+    whose header Pillow cannot read, ends in one line before any work."""
+
+    def __init__(self, folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,),
+                 degradation: str = "pil") -> None:
+        self.scale, self.zooms, self.degradation = scale, tuple(zooms), degradation
+        self.paths = list_images(folder)
+        self.count = sum(min(shrunk_size(image_size(path), zoom)) >= scale for path in self.paths for zoom in zooms)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for path in self.paths:
+            image = load_rgb(path)
+            for zoom in self.zooms:
+                shrunk = shrink(image, zoom)
+                if min(shrunk.size) < self.scale:  # too small to be made smaller by the scale
+                    continue
+                lr_up, hr = degrade(shrunk, self.scale, self.degradation)
+                name = path.stem if zoom == 1 else f"{path.stem}@{zoom:g}"
+                yield name, image_to_tensor(lr_up), image_to_tensor(hr)
+
+
+def load_pairs(folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,),
+               degradation: str = "pil") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Every pair of ImagePairs at once, in memory: what the training patches are cut from."""
+    return list(ImagePairs(folder, scale, zooms, degradation))
 
 
 def rows_of(buffer: torch.Tensor, length: int) -> torch.Tensor:

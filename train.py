@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import checkpoint
 import info
-from data import DEGRADATIONS, TrainingPatches, load_pairs, rgb_to_y
+from data import DEGRADATIONS, ImagePairs, TrainingPatches, rgb_to_y
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
 from metrics import evaluate
@@ -286,9 +286,10 @@ class Trainer:
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
-def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
-    """The training patches (on the training device) and, for rank 0, the evaluation pairs; rank 0
-    also makes sure the checkpoint folder can be written before any training."""
+def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, ImagePairs | list]:
+    """The training patches (on the training device) and, for rank 0, the evaluation pairs (read an
+    image at a time at every evaluation); rank 0 also makes sure the checkpoint folder can be
+    written before any training."""
     root = Path(args["data_root"])
     patches = TrainingPatches(root / args["train_set"], args["scale"], args["patch_size"], args["stride"],
                               args["zooms"], processes.device, args["degradation"])
@@ -296,7 +297,7 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, list]:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
     evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
-    return patches, load_pairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
+    return patches, ImagePairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
 
 
 def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None) -> int:

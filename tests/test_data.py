@@ -14,6 +14,7 @@ import resize_right
 import torch
 from PIL import Image
 
+import data
 import train
 from conftest import ROOT, assert_clean_error, find_real_data
 from data import TrainingPatches, degrade, list_images, load_pairs, matlab_resize, modcrop
@@ -244,3 +245,17 @@ def test_the_x3_recipes_first_batches_are_what_they_were(real_data, tmp_path, mo
                 digest.update(patches.numpy().tobytes())
             digest.update(bytes([transform]))
     assert digest.hexdigest() == RECIPE_BATCHES_SHA256
+
+
+def test_evaluation_pairs_are_read_an_image_at_a_time_and_bad_files_are_found_first(mini_root, tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(data, "load_rgb", lambda path: reads.append(path) or Image.open(path).convert("RGB"))
+    pairs = data.ImagePairs(mini_root / "Set5", 3)
+    assert len(pairs) == 2 and reads == []  # from the names and headers alone
+    first = next(iter(pairs))
+    assert first[0] == "scene3" and len(reads) == 1  # the second image is not read yet
+    (tmp_path / "Set5").mkdir()
+    Image.new("RGB", (30, 30)).save(tmp_path / "Set5" / "good.png")
+    (tmp_path / "Set5" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match="broken.png"):
+        data.ImagePairs(tmp_path / "Set5", 3)
