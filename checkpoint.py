@@ -260,6 +260,13 @@ def resume_options(path: str | Path, checkpoint: dict, given: dict, defaults: di
     return {**defaults, **checkpoint["args"], "cuda": False, **given}
 
 
+def training_sets(args: dict) -> list[str]:
+    """The training set folders (--train-set): a list, or the one name that checkpoints from before
+    several folders were possible record."""
+    sets = args["train_set"]
+    return [sets] if isinstance(sets, str) else list(sets)
+
+
 def launch_command(argv: list[str]) -> str:
     """The command line that started this run, for the checkpoint's record: under torchrun the
     launcher's own (read from /proc on Linux), else `python train.py ...`."""

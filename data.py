@@ -277,7 +277,7 @@ def rows_of(buffer: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class TrainingPatches:
-    """The (input, target) patch pairs of a folder: its images held in memory on the training device
+    """The (input, target) patch pairs of one or more folders: their images held in memory on the training device
     as uint8, and this epoch's grid of patch positions in them. A batch's patches are cut from the
     images when it is drawn (`take`), so memory is that of the images, not of their overlapping
     patches (T91 at the x3 recipe's five zooms: 27,243 patches of 48x48 would take 377 MB).
@@ -291,7 +291,7 @@ class TrainingPatches:
 
     def __init__(
         self,
-        folder: str | Path,
+        folders: Sequence[Path],
         scale: int,
         patch_size: int,
         stride: int,
@@ -300,10 +300,11 @@ class TrainingPatches:
         degradation: str = "pil",
     ) -> None:
         kinds = DEGRADATIONS if degradation == "mixed" else (degradation,)
-        made = [load_pairs(folder, scale, zooms, kind) for kind in kinds]
+        made = [[pair for folder in folders for pair in load_pairs(folder, scale, zooms, kind)] for kind in kinds]
         kept = [i for i, (_, x, _) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]  # the rest hold none
         if not kept:
-            raise UserError(f"every training image in {folder} is smaller than the patch size {patch_size}")
+            raise UserError(f"every training image in {', '.join(map(str, folders))} is smaller than the patch "
+                            f"size {patch_size}")
         self.patch_size, self.stride, self.kinds = patch_size, stride, len(kinds)
         self.sizes = [tuple(made[0][i][2].shape[1:]) for i in kept]  # (height, width) of each image
         pixels = torch.tensor([h * w for h, w in self.sizes])

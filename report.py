@@ -238,7 +238,7 @@ def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda:
     network = engine_for(model)  # on the CPU ONNX Runtime when installed: the engine super_resolve.py uses
     root = Path(data_root)
     sets = sets or [name for name in EVALUATION_SETS if (root / name).is_dir()] or list(EVALUATION_SETS)
-    all_pairs = {name: ImagePairs(root / name, scale, degradation=degradation) for name in sets}  # each found, before output
+    all_pairs = {name: ImagePairs(root / name, scale, degradation=degradation) for name in sets}  # each found first
     if report:
         writable_folder(Path(report), "report folder")
     print(f"{path}: x{scale}, Y-PSNR (dB) / SSIM, {scale}-pixel border shaved, {degradation} bicubic")

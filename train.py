@@ -175,7 +175,7 @@ class Trainer:
         """Train until args['num_epoch'] epochs are done; 128 + the signal if one stopped it."""
         args, progress = self.args, self.progress
         self.processes.say(f"training on {len(self.patches)} patches of {args['patch_size']}x{args['patch_size']} "
-                           f"from {Path(args['data_root']) / args['train_set']}, {self.processes}, "
+                           f"from {', '.join(map(str, training_folders(args)))}, {self.processes}, "
                            f"epochs {progress.epoch + 1}..{args['num_epoch']}")
         with StopRequest() as stop:
             while progress.epoch < args["num_epoch"]:
@@ -291,13 +291,20 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, ImageP
     image at a time at every evaluation); rank 0 also makes sure the checkpoint folder can be
     written before any training."""
     root = Path(args["data_root"])
-    patches = TrainingPatches(root / args["train_set"], args["scale"], args["patch_size"], args["stride"],
+    patches = TrainingPatches(training_folders(args), args["scale"], args["patch_size"], args["stride"],
                               args["zooms"], processes.device, args["degradation"])
     if not processes.main:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
     evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
     return patches, ImagePairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
+
+
+def training_folders(args: dict) -> list[Path]:
+    """The --train-set folders: each a name under --data-root, or else a path to a folder."""
+    root = Path(args["data_root"])
+    return [root / name if (root / name).is_dir() or not Path(name).is_dir() else Path(name)
+            for name in checkpoint.training_sets(args)]
 
 
 def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None) -> int:
@@ -328,7 +335,8 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     flag("--scale", type=int, default=3, help="upscaling factor")
     flag("--seed", type=int, default=0, help="random seed")
     flag("--data-root", default=default_data_root(), help="folder with one folder per set")
-    flag("--train-set", default="T91", help="training set folder")
+    flag("--train-set", nargs="+", default=["T91"], metavar="SET",
+         help="training set folder(s): names under --data-root, or paths, e.g. T91 ~/photos")
     flag("--eval-set", default="Set5", help="evaluation set folder")
     flag("--patch-size", type=int, default=33, help="training patch size")
     flag("--stride", type=int, default=14, help="patch grid stride")

@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import ROOT, assert_clean_error, find_real_data
+from conftest import ROOT, assert_clean_error, find_real_data, generated_image
 from data import TrainingPatches, degrade, list_images, load_pairs, matlab_resize, modcrop
 from download import download, read_manifest
 from files import current_umask
@@ -46,7 +46,7 @@ def test_evaluation_pairs_are_uint8_and_same_size(mini_root):
 
 
 def test_patch_count_and_content(mini_root):
-    patches = TrainingPatches(mini_root / "T91", scale=3, patch_size=33, stride=14)
+    patches = TrainingPatches([mini_root / "T91"], scale=3, patch_size=33, stride=14)
     per_side = (72 - 33) // 14 + 1  # 3
     assert len(patches) == 2 * per_side**2
     inputs, targets = patches.take(torch.arange(len(patches)))
@@ -68,20 +68,20 @@ def test_zooms_add_shrunk_copies_of_each_training_image(mini_root):
     assert shrunk_x.shape == shrunk_y.shape == (3, 36, 36)  # 72 * 0.5, already a multiple of 3
     original = Image.open(mini_root / "T91" / "scene1.png").resize((36, 36), Image.Resampling.BICUBIC)
     assert torch.equal(shrunk_y.permute(1, 2, 0), torch.from_numpy(np.array(original)))
-    patches = TrainingPatches(mini_root / "T91", 3, 33, 14, zooms=(1.0, 0.5))
+    patches = TrainingPatches([mini_root / "T91"], 3, 33, 14, zooms=(1.0, 0.5))
     assert len(patches) == 2 * 3**2 + 2 * 1  # 36 px holds one 33 px patch
 
 
 @pytest.mark.slow
 def test_t91_patch_count(real_data):
-    assert 21_800 <= len(TrainingPatches(real_data / "T91", 3, 33, 14)) <= 22_000
+    assert 21_800 <= len(TrainingPatches([real_data / "T91"], 3, 33, 14)) <= 22_000
 
 
 def test_images_smaller_than_patch_are_refused(tmp_path):
     (tmp_path / "T91").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "T91" / "small.png")
     with pytest.raises(UserError, match="smaller than the patch size"):
-        TrainingPatches(tmp_path / "T91", 3, 33, 14)
+        TrainingPatches([tmp_path / "T91"], 3, 33, 14)
 
 
 @pytest.fixture()
@@ -181,7 +181,7 @@ def test_images_smaller_than_a_patch_are_skipped_among_larger_ones(tmp_path):
     (tmp_path / "T91").mkdir()
     Image.new("RGB", (72, 72), "red").save(tmp_path / "T91" / "big.png")
     Image.new("RGB", (90, 30), "blue").save(tmp_path / "T91" / "flat.png")  # 30 px high: no 33 px patch
-    patches = TrainingPatches(tmp_path / "T91", 3, 33, 14)
+    patches = TrainingPatches([tmp_path / "T91"], 3, 33, 14)
     red = patches.take(torch.arange(len(patches)))[0][:, 0].float()
     assert len(patches) == 3**2 and red.mean() > 200  # all from the red image
     patches.new_epoch(torch.Generator().manual_seed(0), move_grid=True)
@@ -203,9 +203,9 @@ def test_matlab_bicubic_equals_an_independent_implementation(real_data):
 
 
 def test_mixed_degradation_draws_each_images_input_every_epoch(mini_root):
-    pil = TrainingPatches(mini_root / "T91", 3, 33, 14)
-    matlab = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="matlab")
-    mixed = TrainingPatches(mini_root / "T91", 3, 33, 14, degradation="mixed")
+    pil = TrainingPatches([mini_root / "T91"], 3, 33, 14)
+    matlab = TrainingPatches([mini_root / "T91"], 3, 33, 14, degradation="matlab")
+    mixed = TrainingPatches([mini_root / "T91"], 3, 33, 14, degradation="mixed")
     every = torch.arange(len(pil))
     (pil_in, pil_out), (matlab_in, matlab_out) = pil.take(every), matlab.take(every)
     assert not torch.equal(pil_in, matlab_in) and torch.equal(pil_out, matlab_out)
@@ -259,3 +259,19 @@ def test_evaluation_pairs_are_read_an_image_at_a_time_and_bad_files_are_found_fi
     (tmp_path / "Set5" / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(UserError, match="broken.png"):
         data.ImagePairs(tmp_path / "Set5", 3)
+
+
+def test_several_training_folders_by_name_or_path(cli, mini_root, tmp_path):
+    own = tmp_path / "photos"  # a folder of one's own, outside the data root
+    own.mkdir()
+    generated_image(72, 9).save(own / "mine.png")
+    out = tmp_path / "run"
+    result = cli("train", "train", "--train-set", "T91", str(own), "--data-root", str(mini_root), "--num-epoch", "1",
+                 "--batch-size", "9", "--checkpoint-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"training on 27 patches of 33x33 from {mini_root / 'T91'}, {own}" in result.stderr  # 9 an image
+    assert torch.load(out / "last.pth", weights_only=True)["args"]["train_set"] == ["T91", str(own)]
+    assert f"train_set      ['T91', '{own}']" in cli("train", "inspect", str(out / "last.pth")).stdout
+    missing = cli("train", "train", "--train-set", "T91", "Nowhere", "--data-root", str(mini_root),
+                  "--checkpoint-dir", str(tmp_path / "none"))
+    assert_clean_error(missing, "Nowhere")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import SHIPPED, check_resumable, load_model
+from checkpoint import SHIPPED, check_resumable, load_model, training_sets
 from checkpoint import load as load_checkpoint
 from conftest import ROOT
 from data import load_pairs
@@ -35,7 +35,8 @@ def test_shipped_checkpoint_is_what_its_recipe_file_trains(scale, monkeypatch):
     recipe = training_args(["train", f"@recipes/x{scale}.args"])
     assert recipe["scale"] == scale and checkpoint["scale"] == scale
     defaults = training_args(["train"])  # options newer than a checkpoint mean their defaults, as for resume
-    assert {k: v for k, v in {**defaults, **checkpoint["args"]}.items() if k not in WHERE_IT_RAN} == recipe
+    recorded = {**defaults, **checkpoint["args"], "train_set": training_sets(checkpoint["args"])}
+    assert {k: v for k, v in recorded.items() if k not in WHERE_IT_RAN} == recipe
     first, *resumed = checkpoint["commands"]  # one command: a resume may continue it but change nothing
     assert first["epoch"] == 0 and training_args(shlex.split(first["command"])[2:]) == recipe
     assert all(shlex.split(c["command"])[2] == "resume" and len(shlex.split(c["command"])) == 4 for c in resumed)
@@ -46,7 +47,7 @@ def test_shipped_checkpoint_is_what_its_recipe_file_trains(scale, monkeypatch):
 def test_shipped_checkpoint_can_be_resumed_and_its_history_is_whole(scale):
     checkpoint = load_checkpoint(SHIPPED[scale])
     check_resumable(SHIPPED[scale], checkpoint)
-    assert checkpoint["args"]["train_set"] == "T91"
+    assert training_sets(checkpoint["args"]) == ["T91"]
     assert checkpoint["position"] is None, "a mid-epoch (interrupted) checkpoint was shipped"
     assert [h["epoch"] for h in checkpoint["history"]] == list(range(1, checkpoint["epoch"] + 1))
     assert checkpoint["optimizer"]["state"], "no optimizer state: resume could not continue it"
