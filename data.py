@@ -270,6 +270,16 @@ def load_pairs(folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,),
     return list(ImagePairs(folder, scale, zooms, degradation))
 
 
+def held_bytes(folders: Sequence[Path], scale: int, zooms: Sequence[float] = (1.0,), kinds: int = 1) -> int:
+    """The bytes TrainingPatches holds of these folders (each image's target and its input of each
+    degradation kind, at every zoom, as 8-bit RGB), from the image files' headers alone."""
+    total = 0
+    for path in (path for folder in folders for path in list_images(folder)):
+        for width, height in (shrunk_size(image_size(path), zoom) for zoom in zooms):
+            total += 3 * (width - width % scale) * (height - height % scale) * (1 + kinds)
+    return total
+
+
 def rows_of(buffer: torch.Tensor, length: int) -> torch.Tensor:
     """Every run of `length` consecutive pixels of a (pixels, C) buffer, as a view: run k is
     buffer[k : k + length]. Indexing it gathers whole patch rows, not one pixel at a time."""

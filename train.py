@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import math
+import re
 import shlex
 import sys
 import time
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 import checkpoint
 import info
-from data import DEGRADATIONS, ImagePairs, TrainingPatches, rgb_to_y
+from data import DEGRADATIONS, ImagePairs, TrainingPatches, held_bytes, rgb_to_y
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
 from metrics import evaluate
@@ -290,8 +291,15 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, ImageP
     """The training patches (on the training device) and, for rank 0, the evaluation pairs (read an
     image at a time at every evaluation); rank 0 also makes sure the checkpoint folder can be
     written before any training."""
-    root = Path(args["data_root"])
-    patches = TrainingPatches(training_folders(args), args["scale"], args["patch_size"], args["stride"],
+    root, folders = Path(args["data_root"]), training_folders(args)
+    kinds = len(DEGRADATIONS) if args["degradation"] == "mixed" else 1
+    needed, budget = held_bytes(folders, args["scale"], args["zooms"], kinds), parse_bytes(args["data_memory"])
+    if needed > budget:
+        size = f"{needed / 1e9:.2f} GB" if needed >= 1e9 else f"{needed / 1e6:.2f} MB"
+        raise UserError(f"the training images take {size} in memory, more than --data-memory "
+                        f"{args['data_memory']}; raise it if the machine has the memory (training larger "
+                        "collections a part at a time is not possible yet)")
+    patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
                               args["zooms"], processes.device, args["degradation"])
     if not processes.main:
         return patches, []
@@ -359,6 +367,8 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="bicubic of the inputs: Pillow's, MATLAB's imresize, or per image one of the two each epoch")
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
          help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
+    flag("--data-memory", type=byte_size, default="2GB", metavar="SIZE",
+         help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB")
     flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
          help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
     flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
@@ -366,6 +376,26 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     flag("--channels", choices=["rgb", "y"], default="rgb",
          help="what the network maps: RGB, or the Y channel (BT.601) as the paper's main tables, Cb and Cr "
               "then taken from the bicubic input")
+
+
+BYTE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB' -> 2,000,000,000 (KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary; B optional)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?)?B?\s*", text.upper())
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
+
+
+def byte_size(text: str) -> str:
+    """--data-memory's value, kept as written (the checkpoint records it so), checked to be a size."""
+    try:
+        parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, not {text!r}") from None
+    return text
 
 
 def filter_sizes(text: str) -> str:

@@ -275,3 +275,14 @@ def test_several_training_folders_by_name_or_path(cli, mini_root, tmp_path):
     missing = cli("train", "train", "--train-set", "T91", "Nowhere", "--data-root", str(mini_root),
                   "--checkpoint-dir", str(tmp_path / "none"))
     assert_clean_error(missing, "Nowhere")
+
+
+def test_a_training_set_beyond_the_memory_budget_is_refused_before_any_work(cli, mini_root, tmp_path):
+    # two 72x72 images at zoom 1: 2 x 72 x 72 x 3 bytes of targets and as many of inputs: 62,208 bytes
+    assert data.held_bytes([mini_root / "T91"], 3) == 62_208
+    out = tmp_path / "run"
+    refused = cli("train", "train", "--data-root", str(mini_root), "--data-memory", "60KB",
+                  "--checkpoint-dir", str(out))
+    assert_clean_error(refused, "0.06 MB", "--data-memory 60KB")
+    assert not out.exists()
+    assert cli("train", "train", "--data-memory", "lots").returncode == 2  # not a size: argparse's usage error
