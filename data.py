@@ -6,6 +6,7 @@ Run `python data.py download` to fetch the data sets listed in datasets.tsv (dow
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from download import known_sets
 from files import atomic_write, cannot_write, check_writable
 from utils import UserError, run_cli
+
+if TYPE_CHECKING:
+    from processes import Processes
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 PNG_COMPRESS_LEVEL = 3  # zlib level of written PNGs: a third of the default's time, files as small (docs/speed.md)
@@ -311,11 +315,22 @@ class TrainingPatches:
     ) -> None:
         kinds = DEGRADATIONS if degradation == "mixed" else (degradation,)
         made = [[pair for folder in folders for pair in load_pairs(folder, scale, zooms, kind)] for kind in kinds]
-        kept = [i for i, (_, x, _) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]  # the rest hold none
-        if not kept:
+        if not any(min(x.shape[1:]) >= patch_size for _, x, _ in made[0]):
             raise UserError(f"every training image in {', '.join(map(str, folders))} is smaller than the patch "
                             f"size {patch_size}")
-        self.patch_size, self.stride, self.kinds = patch_size, stride, len(kinds)
+        self.hold(made, patch_size, stride, device)
+
+    @classmethod
+    def of_pairs(cls, made: list[list], patch_size: int, stride: int, device: torch.device | str) -> "TrainingPatches":
+        """The patches of pairs already read: made[k] the (name, input, target) pairs of degradation kind k."""
+        patches = cls.__new__(cls)
+        patches.hold(made, patch_size, stride, device)
+        return patches
+
+    def hold(self, made: list[list], patch_size: int, stride: int, device: torch.device | str) -> None:
+        """Keep the images of the pairs that hold a patch, on `device`, and lay the grid at offset 0."""
+        kept = [i for i, (_, x, _) in enumerate(made[0]) if min(x.shape[1:]) >= patch_size]  # the rest hold none
+        self.patch_size, self.stride, self.kinds = patch_size, stride, len(made)
         self.sizes = [tuple(made[0][i][2].shape[1:]) for i in kept]  # (height, width) of each image
         pixels = torch.tensor([h * w for h, w in self.sizes])
         self.starts = (torch.cumsum(pixels, 0) - pixels).tolist()  # where each image begins in the buffers
@@ -351,6 +366,10 @@ class TrainingPatches:
         kinds = torch.randint(self.kinds, (len(self.sizes),), generator=generator).tolist() if self.kinds > 1 else None
         if move_grid or kinds:
             self.place(offset, kinds)
+
+    def batches(self, batch_size: int, processes: "Processes", seed: int, epoch: int) -> list[torch.Tensor]:
+        """This process's patch indices of every batch of the epoch: all patches in one shuffled order."""
+        return processes.share(len(self), batch_size, seed, epoch)
 
     def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The patches at `index` (on the training device), as uint8 N x 3 x P x P (input, target),

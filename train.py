@@ -37,6 +37,7 @@ from metrics import evaluate
 from model import ASSIGNMENT, SRCNN, Shape, init_identity_
 from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
+from streaming import StreamedPatches
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
 CPU_CHUNK_PIXELS = 32 * 33 * 33  # patch pixels per forward/backward pass on a CPU (see cpu_chunk)
@@ -206,7 +207,7 @@ class Trainer:
         indices of each of this process's batches, and each batch's flip/rotation (with --augment)."""
         args = self.args
         self.patches.new_epoch(self.generator, move_grid=args["fresh_crops"])
-        batches = self.processes.share(len(self.patches), args["batch_size"], args["seed"], self.progress.epoch)
+        batches = self.patches.batches(args["batch_size"], self.processes, args["seed"], self.progress.epoch)
         return batches, torch.randint(8 if args["augment"] else 1, (len(batches),), generator=self.generator)
 
     def run_epoch(self, stop: StopRequest) -> tuple[dict | None, int | None]:
@@ -287,20 +288,22 @@ class Trainer:
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
-def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches, ImagePairs | list]:
+def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | StreamedPatches, ImagePairs | list]:
     """The training patches (on the training device) and, for rank 0, the evaluation pairs (read an
     image at a time at every evaluation); rank 0 also makes sure the checkpoint folder can be
     written before any training."""
     root, folders = Path(args["data_root"]), training_folders(args)
     kinds = len(DEGRADATIONS) if args["degradation"] == "mixed" else 1
     needed, budget = held_bytes(folders, args["scale"], args["zooms"], kinds), parse_bytes(args["data_memory"])
-    if needed > budget:
-        size = f"{needed / 1e9:.2f} GB" if needed >= 1e9 else f"{needed / 1e6:.2f} MB"
-        raise UserError(f"the training images take {size} in memory, more than --data-memory "
-                        f"{args['data_memory']}; raise it if the machine has the memory (training larger "
-                        "collections a part at a time is not possible yet)")
-    patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
-                              args["zooms"], processes.device, args["degradation"])
+    if needed <= budget:  # all at once: the same batches as ever
+        patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
+                                  args["zooms"], processes.device, args["degradation"])
+    elif processes.world > 1:
+        raise UserError(f"the training images take {needed / 1e6:.0f} MB, more than --data-memory "
+                        f"{args['data_memory']}: streaming them a part at a time takes one process for now")
+    else:
+        patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
+                                  processes.device, args["degradation"], budget, args["workers"])
     if not processes.main:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
@@ -368,7 +371,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
     flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
          help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
     flag("--data-memory", type=byte_size, default="2GB", metavar="SIZE",
-         help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB")
+         help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB; "
+              "a larger set is streamed a part at a time")
+    flag("--workers", type=int, default=2, help="processes that read the next part of a streamed set while one trains")
     flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
          help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
     flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
@@ -415,6 +420,8 @@ def check_training_args(args: dict) -> None:
         raise UserError("--scale must be at least 2")
     if not args["lr"] > 0:
         raise UserError("--lr must be positive")
+    if args["workers"] < 0:
+        raise UserError("--workers must be at least 0 (0: read in the training process)")
     if not 0 <= args["loss_border"] < args["patch_size"] // 2:
         raise UserError("--loss-border must be at least 0 and less than half the patch size")
     if not 0 <= args["ema_decay"] < 1:

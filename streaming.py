@@ -1,0 +1,140 @@
+"""Training sets larger than memory (--data-memory): each epoch takes the images in a new shuffled
+order, a part at a time (as many as the budget holds), read and degraded by DataLoader workers
+(--workers) while the previous part trains; the patches of a part are drawn in a shuffled order
+before the next part is read. An epoch is still every image's patch grid once."""
+
+import bisect
+import signal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data import (
+    DEGRADATIONS,
+    TrainingPatches,
+    degrade,
+    image_size,
+    image_to_tensor,
+    list_images,
+    load_rgb,
+    shrink,
+    shrunk_size,
+)
+from utils import UserError
+
+if TYPE_CHECKING:
+    from processes import Processes
+
+
+def leave_ctrl_c_to_training(worker: int) -> None:
+    """A reading worker ignores Ctrl-C, which the terminal sends to every process of the run: the
+    training process then stops at its next check, saving first, and may still read a part."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Entries(Dataset):
+    """One image at one zoom, degraded in one way, per item: (input, target) uint8 3 x H x W."""
+
+    def __init__(self, entries: list[tuple[Path, float]], kinds: list[int], scale: int) -> None:
+        self.entries, self.kinds, self.scale = entries, kinds, scale
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, zoom = self.entries[i]
+        lr_up, hr = degrade(shrink(load_rgb(path), zoom), self.scale, DEGRADATIONS[self.kinds[i]])
+        return image_to_tensor(lr_up).contiguous(), image_to_tensor(hr).contiguous()
+
+
+class StreamedPatches:
+    """The patches of folders too large for memory, as TrainingPatches gives them (new_epoch,
+    batches, take, len), but held a part at a time: the patches of an epoch are numbered part by
+    part, and a batch never spans two parts (a part's last batch may be smaller)."""
+
+    def __init__(self, folders: Sequence[Path], scale: int, patch_size: int, stride: int, zooms: Sequence[float],
+                 device: torch.device | str, degradation: str, budget: int, workers: int) -> None:
+        self.scale, self.patch_size, self.stride, self.device, self.workers = scale, patch_size, stride, device, workers
+        self.kinds = len(DEGRADATIONS) if degradation == "mixed" else 1
+        self.default_kind = DEGRADATIONS.index(degradation) if degradation != "mixed" else 0
+        self.entries, self.sizes = [], []  # (path, zoom) of every image at every zoom that holds a patch
+        for path in (path for folder in folders for path in list_images(folder)):
+            for zoom in zooms:
+                width, height = shrunk_size(image_size(path), zoom)
+                size = (width - width % scale, height - height % scale)
+                if min(size) >= patch_size:
+                    self.entries.append((path, zoom))
+                    self.sizes.append(size)
+        if not self.entries:
+            raise UserError(f"every training image in {', '.join(map(str, folders))} is smaller than the patch "
+                            f"size {patch_size}")
+        self.budget = budget
+        self.loaded: tuple[int, TrainingPatches] | None = None  # the part held now
+        self.stream: Iterator | None = None
+        self.new_epoch(torch.Generator().manual_seed(0), move_grid=False)
+
+    def grid(self, size: tuple[int, int], offset: int) -> int:
+        """How many patches the grid at `offset` lays in an image of `size`, as TrainingPatches.place does."""
+        width, height = size
+        o = offset if min(width, height) >= self.patch_size + offset else 0
+        return ((height - o - self.patch_size) // self.stride + 1) * ((width - o - self.patch_size) // self.stride + 1)
+
+    def new_epoch(self, generator: torch.Generator, move_grid: bool) -> None:
+        """Draw this epoch: the grid's offset, each image's degradation if mixed, the order of the
+        images, their parts (consecutive images within the budget) and each part's order of patches."""
+        self.offset = int(torch.randint(self.stride, (1,), generator=generator)) if move_grid else 0
+        count = len(self.entries)
+        kinds = (torch.randint(self.kinds, (count,), generator=generator).tolist() if self.kinds > 1
+                 else [self.default_kind] * count)
+        order = torch.randperm(count, generator=generator).tolist()
+        self.parts, part, held = [], [], 0
+        for i in order:
+            width, height = self.sizes[i]
+            size = 6 * width * height  # the input and the target, 8-bit RGB
+            if part and held + size > self.budget:
+                self.parts.append(part)
+                part, held = [], 0
+            part.append(i)
+            held += size
+        self.parts.append(part)
+        self.kind_of = kinds
+        self.counts = [sum(self.grid(self.sizes[i], self.offset) for i in part) for part in self.parts]
+        self.starts = torch.tensor([0, *self.counts]).cumsum(0)[:-1].tolist()  # each part's first patch
+        self.orders = [start + torch.randperm(n, generator=generator) for start, n in zip(self.starts, self.counts,
+                                                                                           strict=True)]
+        self.loaded, self.stream, self.next_part = None, None, 0
+
+    def batches(self, batch_size: int, processes: "Processes", seed: int, epoch: int) -> list[torch.Tensor]:
+        """The patch indices of every batch of the epoch: each part's patches in their drawn order,
+        in batches of `batch_size`."""
+        return [chunk for order in self.orders for chunk in order.split(batch_size)]
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches at `index` (of one part, as `batches` gives them), reading the part first if it
+        is not the one held."""
+        part = bisect.bisect_right(self.starts, int(index[0])) - 1
+        if self.loaded is None or self.loaded[0] != part:
+            self.loaded = None  # let the part held go before the next is read
+            self.loaded = (part, self.read(part))
+        return self.loaded[1].take((index - self.starts[part]).to(self.device))
+
+    def read(self, part: int) -> TrainingPatches:
+        """The images of `part`, from workers that read ahead from this part on."""
+        if self.stream is None or self.next_part != part:  # a new epoch, or resumed within one
+            images = [i for p in self.parts[part:] for i in p]
+            entries = Entries([self.entries[i] for i in images], [self.kind_of[i] for i in images], self.scale)
+            self.stream = iter(DataLoader(entries, batch_size=None, num_workers=self.workers,
+                                          worker_init_fn=leave_ctrl_c_to_training))
+        pairs = [("", *next(self.stream)) for _ in self.parts[part]]
+        self.next_part = part + 1
+        patches = TrainingPatches.of_pairs([pairs], self.patch_size, self.stride, self.device)
+        patches.place(self.offset, None)
+        if len(patches) != self.counts[part]:
+            raise UserError(f"an image of {self.entries[self.parts[part][0]][0].parent} changed size while training")
+        return patches
+
+    def __len__(self) -> int:
+        return sum(self.counts)
