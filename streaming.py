@@ -1,7 +1,7 @@
 """Training sets larger than memory (--data-memory): each epoch takes the images in a new shuffled
-order, a part at a time (as many as the budget holds), read and degraded by DataLoader workers
-(--workers) while the previous part trains; the patches of a part are drawn in a shuffled order
-before the next part is read. An epoch is still every image's patch grid once."""
+order, a part at a time (as many as half the budget holds), the next part read and degraded by
+DataLoader workers (--workers) while one trains, so that the two stay within the budget; the
+patches of a part are drawn in a shuffled order. An epoch is still every image's patch grid once."""
 
 import bisect
 import signal
@@ -94,7 +94,7 @@ class StreamedPatches:
         for i in order:
             width, height = self.sizes[i]
             size = 6 * width * height  # the input and the target, 8-bit RGB
-            if part and held + size > self.budget:
+            if part and held + size > self.budget // 2:  # the part trained on and the next, read meanwhile
                 self.parts.append(part)
                 part, held = [], 0
             part.append(i)
@@ -126,8 +126,9 @@ class StreamedPatches:
         if self.stream is None or self.next_part != part:  # a new epoch, or resumed within one
             images = [i for p in self.parts[part:] for i in p]
             entries = Entries([self.entries[i] for i in images], [self.kind_of[i] for i in images], self.scale)
+            ahead = {} if not self.workers else {"prefetch_factor": -(-max(map(len, self.parts)) // self.workers)}
             self.stream = iter(DataLoader(entries, batch_size=None, num_workers=self.workers,
-                                          worker_init_fn=leave_ctrl_c_to_training))
+                                          worker_init_fn=leave_ctrl_c_to_training, **ahead))  # a part ahead
         pairs = [("", *next(self.stream)) for _ in self.parts[part]]
         self.next_part = part + 1
         patches = TrainingPatches.of_pairs([pairs], self.patch_size, self.stride, self.device)

@@ -17,12 +17,12 @@ from streaming import StreamedPatches
 
 pytestmark = pytest.mark.slow  # training processes: left out of the quick subset
 
-STREAMED = ("--data-memory", "40KB", "--workers", "1")  # a 72x72 image takes 31 KB: one image a part
+STREAMED = ("--data-memory", "80KB", "--workers", "1")  # a 72x72 image takes 31 KB: one image a part
 
 
 def test_an_epoch_streams_every_patch_once_a_part_at_a_time(mini_root):
     whole = TrainingPatches([mini_root / "T91"], 3, 33, 14)
-    streamed = StreamedPatches([mini_root / "T91"], 3, 33, 14, (1.0,), "cpu", "pil", budget=40_000, workers=1)
+    streamed = StreamedPatches([mini_root / "T91"], 3, 33, 14, (1.0,), "cpu", "pil", budget=80_000, workers=1)
     everything = Counter(bytes(p.numpy().tobytes()) for p in whole.take(torch.arange(len(whole)))[0])
     generator = torch.Generator().manual_seed(0)
     streamed.new_epoch(generator, move_grid=False)
