@@ -274,14 +274,22 @@ def load_pairs(folder: str | Path, scale: int, zooms: Sequence[float] = (1.0,),
     return list(ImagePairs(folder, scale, zooms, degradation))
 
 
-def held_bytes(folders: Sequence[Path], scale: int, zooms: Sequence[float] = (1.0,), kinds: int = 1) -> int:
-    """The bytes TrainingPatches holds of these folders (each image's target and its input of each
-    degradation kind, at every zoom, as 8-bit RGB), from the image files' headers alone."""
-    total = 0
+def training_images(folders: Sequence[Path], scale: int,
+                    zooms: Sequence[float] = (1.0,)) -> list[tuple[Path, float, tuple[int, int]]]:
+    """(file, zoom, (width, height) after the zoom and modcrop) of every training image at every zoom,
+    from the image files' headers alone."""
+    images = []
     for path in (path for folder in folders for path in list_images(folder)):
-        for width, height in (shrunk_size(image_size(path), zoom) for zoom in zooms):
-            total += 3 * (width - width % scale) * (height - height % scale) * (1 + kinds)
-    return total
+        for zoom in zooms:
+            width, height = shrunk_size(image_size(path), zoom)
+            images.append((path, zoom, (width - width % scale, height - height % scale)))
+    return images
+
+
+def held_bytes(folders: Sequence[Path], scale: int, zooms: Sequence[float] = (1.0,), kinds: int = 1) -> int:
+    """The bytes TrainingPatches holds of these folders: each image's target and its input of each
+    degradation kind, at every zoom, as 8-bit RGB."""
+    return sum(3 * width * height * (1 + kinds) for _, _, (width, height) in training_images(folders, scale, zooms))
 
 
 def rows_of(buffer: torch.Tensor, length: int) -> torch.Tensor:

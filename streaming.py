@@ -16,12 +16,10 @@ from data import (
     DEGRADATIONS,
     TrainingPatches,
     degrade,
-    image_size,
     image_to_tensor,
-    list_images,
     load_rgb,
     shrink,
-    shrunk_size,
+    training_images,
 )
 from utils import UserError
 
@@ -60,14 +58,9 @@ class StreamedPatches:
         self.scale, self.patch_size, self.stride, self.device, self.workers = scale, patch_size, stride, device, workers
         self.kinds = len(DEGRADATIONS) if degradation == "mixed" else 1
         self.default_kind = DEGRADATIONS.index(degradation) if degradation != "mixed" else 0
-        self.entries, self.sizes = [], []  # (path, zoom) of every image at every zoom that holds a patch
-        for path in (path for folder in folders for path in list_images(folder)):
-            for zoom in zooms:
-                width, height = shrunk_size(image_size(path), zoom)
-                size = (width - width % scale, height - height % scale)
-                if min(size) >= patch_size:
-                    self.entries.append((path, zoom))
-                    self.sizes.append(size)
+        held = [(path, zoom, size) for path, zoom, size in training_images(folders, scale, zooms)
+                if min(size) >= patch_size]  # every image at every zoom that holds a patch
+        self.entries, self.sizes = [(path, zoom) for path, zoom, _ in held], [size for _, _, size in held]
         if not self.entries:
             raise UserError(f"every training image in {', '.join(map(str, folders))} is smaller than the patch "
                             f"size {patch_size}")
