@@ -345,7 +345,10 @@ class TrainingPatches:
         self.pixels = int(pixels.sum())
 
         def flat(tensors: list[torch.Tensor]) -> torch.Tensor:  # C x H x W images as one (pixels, C) buffer
-            return torch.cat([t.permute(1, 2, 0).reshape(-1, t.shape[0]) for t in tensors]).to(device)
+            buffer = torch.cat([t.permute(1, 2, 0).reshape(-1, t.shape[0]) for t in tensors])
+            if torch.device(device).type == "cuda":  # page-locked: copied by the GPU's engine, without waiting here
+                buffer = buffer.pin_memory()
+            return buffer.to(device, non_blocking=True)
 
         self.inputs = flat([pairs[i][1] for pairs in made for i in kept])  # each kind's images in turn
         self.targets = flat([made[0][i][2] for i in kept])

@@ -1,7 +1,12 @@
 """Training sets larger than memory (--data-memory): each epoch takes the images in a new shuffled
 order, a part at a time (as many as half the budget holds), the next part read and degraded by
 DataLoader workers (--workers) while one trains, so that the two stay within the budget; the
-patches of a part are drawn in a shuffled order. An epoch is still every image's patch grid once."""
+patches of a part are drawn in a shuffled order. An epoch is still every image's patch grid once.
+
+Under torchrun every process draws the same plan, and each part's images are dealt out between
+the processes, so that each reads and holds only its own share (disjoint, of about equal patch
+counts); a process whose share of a part has fewer patches repeats some of them, as
+DistributedSampler does, so that all take the same number of steps."""
 
 import bisect
 import signal
@@ -51,11 +56,14 @@ class Entries(Dataset):
 class StreamedPatches:
     """The patches of folders too large for memory, as TrainingPatches gives them (new_epoch,
     batches, take, len), but held a part at a time: the patches of an epoch are numbered part by
-    part, and a batch never spans two parts (a part's last batch may be smaller)."""
+    part, and a batch never spans two parts (a part's last batch may be smaller). Process `rank` of
+    `world` numbers and holds only its share of each part; len counts every process's patches."""
 
     def __init__(self, folders: Sequence[Path], scale: int, patch_size: int, stride: int, zooms: Sequence[float],
-                 device: torch.device | str, degradation: str, budget: int, workers: int) -> None:
+                 device: torch.device | str, degradation: str, budget: int, workers: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.scale, self.patch_size, self.stride, self.device, self.workers = scale, patch_size, stride, device, workers
+        self.rank, self.world = rank, world
         self.kinds = len(DEGRADATIONS) if degradation == "mixed" else 1
         self.default_kind = DEGRADATIONS.index(degradation) if degradation != "mixed" else 0
         held = [(path, zoom, size) for path, zoom, size in training_images(folders, scale, zooms)
@@ -64,6 +72,9 @@ class StreamedPatches:
         if not self.entries:
             raise UserError(f"every training image in {', '.join(map(str, folders))} is smaller than the patch "
                             f"size {patch_size}")
+        if len(self.entries) < world:
+            raise UserError(f"{len(self.entries)} training images (at every zoom) for {world} processes: "
+                            "each process streams images of its own, so use fewer processes")
         self.budget = budget
         self.loaded: tuple[int, TrainingPatches] | None = None  # the part held now
         self.stream: Iterator | None = None
@@ -83,27 +94,47 @@ class StreamedPatches:
         kinds = (torch.randint(self.kinds, (count,), generator=generator).tolist() if self.kinds > 1
                  else [self.default_kind] * count)
         order = torch.randperm(count, generator=generator).tolist()
-        self.parts, part, held = [], [], 0
+        parts, part, held = [], [], 0
         for i in order:
             width, height = self.sizes[i]
             size = 6 * width * height  # the input and the target, 8-bit RGB
-            if part and held + size > self.budget // 2:  # the part trained on and the next, read meanwhile
-                self.parts.append(part)
+            # each process holds its share of the part trained on and of the next, read meanwhile
+            if len(part) >= self.world and held + size > self.world * (self.budget // 2):
+                parts.append(part)
                 part, held = [], 0
             part.append(i)
             held += size
-        self.parts.append(part)
+        if len(part) < self.world:  # too few to deal one to each process: the last part takes them
+            parts[-1] += part
+        else:
+            parts.append(part)
         self.kind_of = kinds
-        self.counts = [sum(self.grid(self.sizes[i], self.offset) for i in part) for part in self.parts]
-        self.starts = torch.tensor([0, *self.counts]).cumsum(0)[:-1].tolist()  # each part's first patch
-        self.orders = [start + torch.randperm(n, generator=generator) for start, n in zip(self.starts, self.counts,
-                                                                                           strict=True)]
+        shares = [self.deal(part) for part in parts]  # shares[k][r]: the images of part k that process r reads
+        self.parts = [share[self.rank] for share in shares]
+        counts = [[sum(self.grid(self.sizes[i], self.offset) for i in images) for images in share] for share in shares]
+        self.total = sum(map(sum, counts))
+        self.counts = [c[self.rank] for c in counts]
+        self.starts = torch.tensor([0, *self.counts]).cumsum(0)[:-1].tolist()  # each part's first patch here
+        self.orders = []
+        for start, part_counts in zip(self.starts, counts, strict=True):
+            drawn = [torch.randperm(n, generator=generator) for n in part_counts]  # every process draws all alike
+            mine, steps = drawn[self.rank], max(part_counts)
+            self.orders.append(start + mine.repeat(-(-steps // len(mine)))[:steps])  # as many as the largest share
         self.loaded, self.stream, self.next_part = None, None, 0
 
+    def deal(self, part: list[int]) -> list[list[int]]:
+        """The images of `part` dealt out to the processes, largest grid first to the process with the
+        fewest patches so far; each keeps them in the part's order (one process: the part as it is)."""
+        patches, owner = [0] * self.world, {}
+        for i in sorted(part, key=lambda i: -self.grid(self.sizes[i], self.offset)):
+            owner[i] = min(range(self.world), key=lambda r: (patches[r], r))
+            patches[owner[i]] += self.grid(self.sizes[i], self.offset)
+        return [[i for i in part if owner[i] == r] for r in range(self.world)]
+
     def batches(self, batch_size: int, processes: "Processes", seed: int, epoch: int) -> list[torch.Tensor]:
-        """The patch indices of every batch of the epoch: each part's patches in their drawn order,
-        in batches of `batch_size`."""
-        return [chunk for order in self.orders for chunk in order.split(batch_size)]
+        """This process's patch indices of every batch of the epoch: each part's patches in their drawn
+        order, in batches of its share of `batch_size`."""
+        return [chunk for order in self.orders for chunk in order.split(batch_size // processes.world)]
 
     def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The patches at `index` (of one part, as `batches` gives them), reading the part first if it
@@ -131,4 +162,4 @@ class StreamedPatches:
         return patches
 
     def __len__(self) -> int:
-        return sum(self.counts)
+        return self.total

@@ -298,12 +298,10 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | Strea
     if needed <= budget:  # all at once: the same batches as ever
         patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
                                   args["zooms"], processes.device, args["degradation"])
-    elif processes.world > 1:
-        raise UserError(f"the training images take {needed / 1e6:.0f} MB, more than --data-memory "
-                        f"{args['data_memory']}: streaming them a part at a time takes one process for now")
-    else:
+    else:  # a part at a time, each process its own share
         patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
-                                  processes.device, args["degradation"], budget, args["workers"])
+                                  processes.device, args["degradation"], budget, args["workers"],
+                                  processes.rank, processes.world)
     if not processes.main:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")

@@ -87,3 +87,18 @@ def test_torchrun_on_two_gpus(mini_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "last.pth", weights_only=True)
     assert checkpoint["epoch"] == 2 and "torch.distributed.run" in checkpoint["commands"][0]["command"]
+
+
+def test_patches_held_and_streamed_on_the_gpu_are_the_cpus(mini_root):
+    """The images go to the GPU from page-locked memory, without waiting for the copy: what a batch
+    takes there is what it takes on the CPU, held or streamed a part at a time."""
+    from data import TrainingPatches
+    from streaming import StreamedPatches
+
+    index = torch.arange(0, 18, 2)
+    for make in (lambda device: TrainingPatches([mini_root / "T91"], 3, 33, 14, device=device),
+                 lambda device: StreamedPatches([mini_root / "T91"], 3, 33, 14, (1.0,), device, "pil",
+                                                budget=200_000, workers=1)):
+        on_cpu, on_gpu = make("cpu"), make("cuda")
+        for cpu, gpu in zip(on_cpu.take(index), on_gpu.take(index), strict=True):
+            assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)

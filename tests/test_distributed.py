@@ -168,6 +168,28 @@ def test_interrupted_under_two_processes_records_the_loss_of_both(cli, mini_root
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
 
 
+def test_two_processes_streaming_their_shares_resume_exactly(mini_root, tmp_path):
+    """A set larger than --data-memory under two processes: each streams its own share of every part
+    (tests/test_streaming.py), and a run stopped mid-epoch resumes to the uninterrupted run's weights."""
+    flags = ("--batch-size", "2", "--stride", "6", "--augment", "--fresh-crops", "--zooms", "1", "0.8",
+             "--data-memory", "60KB", "--workers", "1", "--num-epoch", "3", "--data-root", str(mini_root))
+    whole = finish(spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "whole")))
+    assert [r.returncode for r in whole] == [0, 0], whole[0].stderr[-2000:]
+    assert whole[0].stdout.count("PSNR") == 3
+    procs = spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two"))
+    while "epoch    1" not in procs[0].stdout.readline():
+        assert procs[0].poll() is None, "rank 0 ended early"
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    results = finish(procs)
+    assert [r.returncode for r in results] == [143, 143], results[0].stderr[-2000:]
+    resumed = finish(spawn("resume", str(tmp_path / "two" / "interrupted.pth")))
+    assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-2000:]
+    expected = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
+    got = torch.load(tmp_path / "two" / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_process_killed_ends_the_other_with_one_line_and_no_interrupted_checkpoint(mini_root, tmp_path):
     procs = spawn("train", "--batch-size", "2", "--stride", "4", "--num-epoch", "50", "--data-root", str(mini_root),
                   "--checkpoint-dir", str(tmp_path))

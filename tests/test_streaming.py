@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_faults import wait_for_line
 
-from conftest import ROOT
+from conftest import ROOT, generated_image
 from data import TrainingPatches
 from processes import Processes
 from streaming import StreamedPatches
@@ -30,6 +30,31 @@ def test_an_epoch_streams_every_patch_once_a_part_at_a_time(mini_root):
     assert len(streamed.parts) == 2 and len(streamed) == len(whole) == 18
     seen = Counter(bytes(p.numpy().tobytes()) for index in batches for p in streamed.take(index)[0])
     assert seen == everything and len(batches) == 2 * 3  # 9 patches a part: batches of 4, 4, 1
+
+
+def test_each_process_streams_its_own_share_of_every_part(tmp_path):
+    """Two processes (ranks 0 and 1 of 2) draw the same plan: each part's images are dealt out, none
+    to both, and they take the same number of batches, the smaller share repeating some patches."""
+    for seed, size in enumerate((72, 60, 90, 66, 80, 54, 75)):
+        generated_image(size, seed).save(tmp_path / f"{seed}.png")
+    whole = TrainingPatches([tmp_path], 3, 33, 14, (1.0, 0.8))
+    everything = Counter(bytes(p.numpy().tobytes()) for p in whole.take(torch.arange(len(whole)))[0])
+    ranks = [StreamedPatches([tmp_path], 3, 33, 14, (1.0, 0.8), "cpu", "pil", budget=60_000, workers=0,
+                             rank=rank, world=2) for rank in (0, 1)]
+    two = Processes(torch.device("cpu"), world=2)
+    taken, batches = [], []
+    for streamed in ranks:
+        streamed.new_epoch(torch.Generator().manual_seed(7), move_grid=False)
+        batches.append(streamed.batches(4, two, 0, 0))
+        taken.append([bytes(p.numpy().tobytes()) for index in batches[-1] for p in streamed.take(index)[0]])
+    first, second = ranks
+    assert len(first.parts) == len(second.parts) > 1 and len(first) == len(second) == len(whole)
+    for mine, theirs in zip(first.parts, second.parts, strict=True):
+        assert mine and theirs and not set(mine) & set(theirs)
+    assert sorted(i for streamed in ranks for part in streamed.parts for i in part) == list(range(14))
+    assert [len(b) for b in batches[0]] == [len(b) for b in batches[1]]  # the same steps, 2 patches each at most
+    assert set(taken[0]).isdisjoint(taken[1]) and Counter(set(taken[0]) | set(taken[1])) == everything
+    assert len(taken[0]) + len(taken[1]) >= len(whole)  # every patch once, a few of a smaller share twice
 
 
 def train(mini_root, out, *flags) -> dict:
