@@ -3,6 +3,7 @@
     python bench.py            # full run (a few minutes)
     python bench.py --quick    # short run
     python bench.py --json     # also print the figures as JSON
+    python bench.py --data     # training on T91 against a DIV2K-sized collection (streamed)
 
 Training throughput of train.py's own step is measured against a textbook loop (a Dataset that
 returns one float32 patch pair per item, a shuffling DataLoader, default memory format), the two
@@ -13,11 +14,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +31,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import load_model
+from checkpoint import INTERRUPTED, LAST, load_model
+from data import list_images, load_rgb
+from download import default_data_root
 from inference import enhance, super_resolve_image
 from model import SRCNN
 from onnx_engine import engine_for, export_onnx, onnx_model
@@ -271,12 +277,137 @@ def training_rates(device: torch.device, rounds: int, patches: int) -> tuple[lis
     return ours, textbook
 
 
+# ---------------------------------------------------------------- --data: training on a large collection
+
+DIV2K_COUNT, DIV2K_SIZE = 800, (2040, 1356)  # DIV2K's training set: 800 images of about 2040 x 1356
+COLLECTION_SOURCES = ("BSD100", "Set14", "T91")  # what its pictures are cut from
+
+
+def make_collection(folder: Path, sources: list[Path], count: int, size: tuple[int, int], seed: int = 0) -> None:
+    """Write `count` photo-like PNGs of `size` into `folder`: each a mosaic, row by row, of random
+    crops of the `sources` images at random zooms of 1 to 1.6 (so that the collection holds detail
+    a decoder and the degradation must work through, as photographs do)."""
+    rng = np.random.default_rng(seed)
+    pictures = [load_rgb(path) for path in sources]
+    for n in range(count):
+        canvas, top = Image.new("RGB", size), 0
+        while top < size[1]:
+            height, left = int(rng.integers(150, 330)), 0
+            while left < size[0]:
+                source, zoom = pictures[rng.integers(len(pictures))], rng.uniform(1.0, 1.6)
+                width = int(rng.integers(200, 480))
+                crop_w, crop_h = min(source.width, round(width / zoom)), min(source.height, round(height / zoom))
+                x, y = int(rng.integers(source.width - crop_w + 1)), int(rng.integers(source.height - crop_h + 1))
+                tile = source.crop((x, y, x + crop_w, y + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
+                canvas.paste(tile, (left, top))
+                left += width
+            top += height
+        canvas.save(folder / f"{n:04d}.png", compress_level=1)
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """The proportional set size of process `pid` and all its descendants (the DataLoader workers):
+    memory shared between them (a part handed over in shared memory) counted once."""
+    total, pids = 0, [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            total += 1024 * sum(int(line.split()[1]) for line in Path(f"/proc/{current}/smaps_rollup").open()
+                                if line.startswith("Pss:"))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):  # it ended meanwhile
+            continue
+    return total
+
+
+def training_window(folder: Path, data_root: Path, out: Path, seconds: float | None) -> dict:
+    """Train the x3 recipe on `folder` in a child process, for one whole epoch (`seconds` None) or
+    for `seconds` of training and then SIGTERM (it saves where it stood): peak memory (the process
+    tree's, sampled), patches per second, seconds per epoch (estimated from the rate when stopped
+    early) and seconds from the start of the process to its first step."""
+    command = [sys.executable, "train.py", "train", "@recipes/x3.args", "--train-set", str(folder),
+               "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: dict = {}
+
+    def watch() -> None:  # the count of patches, then the progress bar's first step
+        text = ""
+        while chunk := proc.stderr.read1(4096):
+            text = (text + chunk.decode(errors="replace"))[-4096:]
+            if "patches" not in seen and (found := re.search(r"training on (\d+) patches", text)):
+                seen["patches"] = int(found.group(1))
+            if "first_step" not in seen and re.search(r"\|\s*[1-9]\d*/\d+ \[", text):
+                seen["first_step"] = time.perf_counter() - start
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss_bytes(proc.pid))
+        if seconds is not None and "first_step" in seen and time.perf_counter() - start > seen["first_step"] + seconds:
+            proc.send_signal(signal.SIGTERM)
+            seconds = None
+        time.sleep(0.25)
+    watcher.join()
+    saved = torch.load(out / (INTERRUPTED if (out / INTERRUPTED).exists() else LAST), weights_only=True)
+    if saved["position"] is None:  # a whole epoch
+        rate, epoch_seconds = saved["history"][-1]["patches_per_s"], saved["history"][-1]["seconds"]
+    else:
+        position, batch = saved["position"], saved["args"]["batch_size"]
+        rate = position["batch"] * batch / position["seconds"]
+        epoch_seconds = seen["patches"] / rate
+    return {"peak_memory_mb": round(peak / 1e6), "patches_per_s": round(rate, 1),
+            "seconds_per_epoch": round(epoch_seconds), "seconds_to_first_step": round(seen["first_step"], 1)}
+
+
+def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float) -> dict:
+    """T91 (held in memory) against a collection of `count` images of `size` (streamed: DIV2K is
+    6.6 GB of pixels, the default --data-memory 2 GB), each trained with the x3 recipe's settings:
+    T91 an epoch, the collection `seconds`, alternated T91, collection, T91."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "collection"
+        folder.mkdir()
+        sources = [path for name in COLLECTION_SOURCES for path in list_images(data_root / name)]
+        made = time.perf_counter()
+        make_collection(folder, sources, count, size)
+        made = time.perf_counter() - made
+        runs = [training_window(data_root / "T91", data_root, Path(tmp) / "t91a", None),
+                training_window(folder, data_root, Path(tmp) / "large", seconds),
+                training_window(data_root / "T91", data_root, Path(tmp) / "t91b", None)]
+        pixels = sum(Image.open(path).width * Image.open(path).height for path in folder.iterdir())
+    t91 = {key: statistics.median([runs[0][key], runs[2][key]]) for key in runs[0]}
+    return {"collection": f"{count} images of {size[0]}x{size[1]}, {3 * pixels / 1e9:.2f} GB of pixels, "
+                          f"made in {made:.0f} s", "t91": t91, "collection_run": runs[1],
+            "t91_runs": [runs[0], runs[2]], "rate_vs_t91": round(runs[1]["patches_per_s"] / t91["patches_per_s"], 3)}
+
+
+def print_data_results(r: dict) -> None:
+    print(f"collection                       {r['collection']}")
+    for name, run in (("T91 (held, median of 2)", r["t91"]), ("collection (streamed)", r["collection_run"])):
+        print(f"{name:32s} peak memory {run['peak_memory_mb']:,} MB, {run['patches_per_s']:.0f} patches/s, "
+              f"{run['seconds_per_epoch']:,} s an epoch, first step after {run['seconds_to_first_step']:.1f} s")
+    print(f"collection's rate against T91's  {r['rate_vs_t91']:.0%}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--cuda", action="store_true", help="time training, matmul and inference on the GPU")
+    parser.add_argument("--data", action="store_true", help="instead: train the x3 recipe on T91 and on a DIV2K-"
+                        "sized collection made from the downloaded sets in a temporary folder (--quick: 40 images, "
+                        "30 s) and compare memory and speed (about 10 minutes)")
+    parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     args = parser.parse_args(argv)
+    if args.data:
+        count, seconds = (40, 30) if args.quick else (DIV2K_COUNT, 240)
+        results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds)
+        print_data_results(results)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        return
     device = choose_device(args.cuda)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)))

@@ -1,8 +1,13 @@
-"""bench.py says when its figures cannot be trusted."""
+"""bench.py says when its figures cannot be trusted; its --data collection and training windows."""
 
 import sys
 
-from bench import busy_cpu_seconds, own_cpu_seconds, reliability_warnings
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench import busy_cpu_seconds, make_collection, own_cpu_seconds, reliability_warnings, training_window
 
 
 def test_repeats_that_disagree_or_a_busy_machine_are_reported():
@@ -22,3 +27,26 @@ def test_cpu_use_of_the_machine_includes_this_process():
     sum(i * i for i in range(3_000_000))  # ~0.2 s of CPU
     after = busy_cpu_seconds()
     assert after[1] >= 1 and after[0] - before[0] >= 0.8 * (own_cpu_seconds() - own)
+
+
+def test_the_collection_is_as_many_photo_like_images_as_asked_the_same_from_the_same_seed(tmp_path, mini_root):
+    sources = sorted((mini_root / "T91").iterdir())
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        make_collection(tmp_path / name, sources, 3, (300, 200), seed=1)
+    made = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in made] == ["0000.png", "0001.png", "0002.png"]
+    pictures = [np.asarray(Image.open(p)) for p in made]
+    assert all(p.shape == (200, 300, 3) and p.std() > 10 for p in pictures)  # filled with detail, not blank
+    assert not np.array_equal(pictures[0], pictures[1])
+    again = [np.asarray(Image.open(tmp_path / "b" / p.name)) for p in made]
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, again, strict=True))
+
+
+@pytest.mark.slow
+def test_a_training_window_reports_memory_rate_and_first_step(mini_root, tmp_path):
+    result = training_window(mini_root / "T91", mini_root, tmp_path / "run", None)  # one whole epoch
+    assert result["peak_memory_mb"] > 100  # torch alone takes more: the process tree was sampled
+    assert result["patches_per_s"] > 0 and 0 < result["seconds_to_first_step"] < 120
+    history = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["history"]
+    assert result["seconds_per_epoch"] == round(history[0]["seconds"])
