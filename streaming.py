@@ -47,9 +47,14 @@ class Entries(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """The pair, or the one line that says why the image cannot be read: the training process
+        raises it (a worker's own exception would reach it wrapped in the worker's traceback)."""
         path, zoom = self.entries[i]
-        lr_up, hr = degrade(shrink(load_rgb(path), zoom), self.scale, DEGRADATIONS[self.kinds[i]])
+        try:
+            lr_up, hr = degrade(shrink(load_rgb(path), zoom), self.scale, DEGRADATIONS[self.kinds[i]])
+        except UserError as err:
+            return str(err)
         return image_to_tensor(lr_up).contiguous(), image_to_tensor(hr).contiguous()
 
 
@@ -153,7 +158,10 @@ class StreamedPatches:
             ahead = {} if not self.workers else {"prefetch_factor": -(-max(map(len, self.parts)) // self.workers)}
             self.stream = iter(DataLoader(entries, batch_size=None, num_workers=self.workers,
                                           worker_init_fn=leave_ctrl_c_to_training, **ahead))  # a part ahead
-        pairs = [("", *next(self.stream)) for _ in self.parts[part]]
+        items = [next(self.stream) for _ in self.parts[part]]
+        if unreadable := next((item for item in items if isinstance(item, str)), None):
+            raise UserError(unreadable)
+        pairs = [("", *item) for item in items]
         self.next_part = part + 1
         patches = TrainingPatches.of_pairs([pairs], self.patch_size, self.stride, self.device)
         patches.place(self.offset, None)

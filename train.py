@@ -299,6 +299,8 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | Strea
         patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
                                   args["zooms"], processes.device, args["degradation"])
     else:  # a part at a time, each process its own share
+        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory "
+                      f"{args['data_memory']}: streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process")
         patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
                                   processes.device, args["degradation"], budget, args["workers"],
                                   processes.rank, processes.world)

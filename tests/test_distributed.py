@@ -175,7 +175,7 @@ def test_two_processes_streaming_their_shares_resume_exactly(mini_root, tmp_path
              "--data-memory", "60KB", "--workers", "1", "--num-epoch", "3", "--data-root", str(mini_root))
     whole = finish(spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "whole")))
     assert [r.returncode for r in whole] == [0, 0], whole[0].stderr[-2000:]
-    assert whole[0].stdout.count("PSNR") == 3
+    assert whole[0].stdout.count("PSNR") == 3 and "streamed in parts" in whole[0].stderr
     procs = spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two"))
     while "epoch    1" not in procs[0].stdout.readline():
         assert procs[0].poll() is None, "rank 0 ended early"

@@ -10,14 +10,14 @@ import pytest
 import torch
 from test_faults import wait_for_line
 
-from conftest import ROOT, generated_image
+from conftest import ROOT, assert_clean_error, generated_image
 from data import TrainingPatches
 from processes import Processes
 from streaming import StreamedPatches
 
 pytestmark = pytest.mark.slow  # training processes: left out of the quick subset
 
-STREAMED = ("--data-memory", "80KB", "--workers", "1")  # a 72x72 image takes 31 KB: one image a part
+STREAMED = ("--data-memory", "40KB", "--workers", "1")  # two 72x72 images take 62 KB; one image a part
 
 
 def test_an_epoch_streams_every_patch_once_a_part_at_a_time(mini_root):
@@ -62,6 +62,7 @@ def train(mini_root, out, *flags) -> dict:
            "--fresh-crops", *STREAMED, *flags, "--data-root", str(mini_root), "--checkpoint-dir", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+    assert "streamed in parts of up to 20 KB" in result.stderr, result.stderr  # not held whole
     return torch.load(out / "last.pth", weights_only=True)
 
 
@@ -88,3 +89,20 @@ def test_a_streamed_run_is_the_same_twice_and_resumes_exactly(cli, mini_root, tm
     expected = torch.load(tmp_path / "e" / "last.pth", weights_only=True)["model"]
     got = torch.load(tmp_path / "d" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_an_image_broken_after_its_header_ends_a_streamed_run_in_one_line_and_keeps_its_checkpoints(
+        cli, mini_root, tmp_path):
+    root = tmp_path / "root"
+    (root / "T91").mkdir(parents=True)
+    (root / "Set5").symlink_to(mini_root / "Set5")
+    for image in (mini_root / "T91").iterdir():
+        (root / "T91" / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "run"
+    train(root, out, "--num-epoch", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = sorted((root / "T91").iterdir())[1]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # the header reads, the pixels do not
+    result = cli("train", "resume", str(out / "last.pth"), "--num-epoch", "2")
+    assert_clean_error(result, str(broken), "broken image file")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
