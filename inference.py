@@ -2,6 +2,8 @@
 x8 self-ensemble, any image mode. super_resolve.py, the hub, the evaluation and the report use it,
 with PyTorch or another engine (onnx_engine.py) running the network."""
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -68,7 +70,22 @@ def picture(network: Network, x: torch.Tensor, luma: bool, self_ensemble: bool) 
     return with_luma(x, out) if luma else out
 
 
+@contextlib.contextmanager
+def ieee_float32_convolutions() -> Iterator[None]:
+    """cuDNN's float32 convolutions in IEEE float32 inside the block, not TF32, PyTorch's default
+    for them, which rounds their inputs to 10-bit mantissas (a relative error near 1e-3, enough to
+    move an 8-bit output across a rounding boundary): a picture or score made on a GPU is then the
+    CPU's up to float32 rounding. Training keeps TF32, for its speed. No effect on a CPU."""
+    before = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
+
+
 @torch.no_grad()
+@ieee_float32_convolutions()
 def enhance(network: Network, image: torch.Tensor, self_ensemble: bool = False,
             tile: int = DEFAULT_TILE) -> torch.Tensor:
     """SRCNN output for a bicubic-upscaled uint8 3 x H x W image, as uint8 3 x H x W (a Y network's too).

@@ -102,3 +102,32 @@ def test_patches_held_and_streamed_on_the_gpu_are_the_cpus(mini_root):
         on_cpu, on_gpu = make("cpu"), make("cuda")
         for cpu, gpu in zip(on_cpu.take(index), on_gpu.take(index), strict=True):
             assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+def test_tf32_is_what_moves_the_gpus_pixels_and_ieee_float32_makes_them_the_cpus(real_data):
+    """The measurement behind inference.ieee_float32_convolutions: the network on the GPU with cuDNN's
+    TF32 convolutions (PyTorch's default) and in IEEE float32, each against the CPU (PyTorch and
+    ONNX Runtime), as the share of 8-bit pixels that differ."""
+    from data import image_to_tensor, quantize, upscale
+    from onnx_engine import engine_for
+
+    hr = Image.open(real_data / "Set5" / "butterfly.png").convert("RGB")
+    x = image_to_tensor(upscale(downscale(hr, 3), 3)).float().div(255).unsqueeze(0)
+    cpu_model, gpu_model = (load_model(ROOT / "checkpoint.pth", torch.device(d))[0] for d in ("cpu", "cuda"))
+    with torch.no_grad():
+        cpu = {"pytorch": quantize(cpu_model(x))[0],
+               "onnxruntime": quantize(engine_for(cpu_model, "onnxruntime")(x))[0]}
+    before = torch.backends.cudnn.conv.fp32_precision
+    shares = {}
+    try:
+        for precision in ("tf32", "ieee"):
+            torch.backends.cudnn.conv.fp32_precision = precision
+            with torch.no_grad():
+                gpu = quantize(gpu_model(x.cuda()))[0].cpu()
+            for engine, reference in cpu.items():
+                shares[precision, engine] = (gpu != reference).float().mean().item()
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
+    print(shares)  # pytest -s shows the measurement
+    assert all(shares["ieee", engine] < 0.001 for engine in cpu), shares
+    assert all(shares["tf32", engine] > 10 * shares["ieee", engine] for engine in cpu), shares
