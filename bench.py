@@ -32,7 +32,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 from checkpoint import INTERRUPTED, LAST, load_model
-from data import list_images, load_rgb
+from data import image_size, list_images, load_rgb
 from download import default_data_root
 from inference import enhance, super_resolve_image
 from model import SRCNN
@@ -362,21 +362,24 @@ def training_window(folder: Path, data_root: Path, out: Path, seconds: float | N
             "seconds_per_epoch": round(epoch_seconds), "seconds_to_first_step": round(seen["first_step"], 1)}
 
 
-def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float) -> dict:
+def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float,
+                   collection: Path | None) -> dict:
     """T91 (held in memory) against a collection of `count` images of `size` (streamed: DIV2K is
     6.6 GB of pixels, the default --data-memory 2 GB), each trained with the x3 recipe's settings:
-    T91 an epoch, the collection `seconds`, alternated T91, collection, T91."""
+    T91 an epoch, the collection `seconds`, alternated T91, collection, T91. The collection is made
+    in `collection` (kept, and taken as it is when it holds `count` images) or in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "collection"
-        folder.mkdir()
-        sources = [path for name in COLLECTION_SOURCES for path in list_images(data_root / name)]
+        folder = collection or Path(tmp) / "collection"
+        folder.mkdir(parents=True, exist_ok=True)
         made = time.perf_counter()
-        make_collection(folder, sources, count, size)
+        if len(list(folder.glob("*.png"))) != count:
+            sources = [path for name in COLLECTION_SOURCES for path in list_images(data_root / name)]
+            make_collection(folder, sources, count, size)
         made = time.perf_counter() - made
         runs = [training_window(data_root / "T91", data_root, Path(tmp) / "t91a", None),
                 training_window(folder, data_root, Path(tmp) / "large", seconds),
                 training_window(data_root / "T91", data_root, Path(tmp) / "t91b", None)]
-        pixels = sum(Image.open(path).width * Image.open(path).height for path in folder.iterdir())
+        pixels = sum(image_size(path)[0] * image_size(path)[1] for path in folder.glob("*.png"))
     t91 = {key: statistics.median([runs[0][key], runs[2][key]]) for key in runs[0]}
     return {"collection": f"{count} images of {size[0]}x{size[1]}, {3 * pixels / 1e9:.2f} GB of pixels, "
                           f"made in {made:.0f} s", "t91": t91, "collection_run": runs[1],
@@ -400,10 +403,12 @@ def main(argv: list[str] | None = None) -> None:
                         "sized collection made from the downloaded sets in a temporary folder (--quick: 40 images, "
                         "30 s) and compare memory and speed (about 10 minutes)")
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
+    parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
+                        "keep it, or take the one made there before (default: a temporary folder, removed after)")
     args = parser.parse_args(argv)
     if args.data:
         count, seconds = (40, 30) if args.quick else (DIV2K_COUNT, 240)
-        results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds)
+        results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, args.collection)
         print_data_results(results)
         if args.json:
             print(json.dumps(results, indent=2))
