@@ -45,7 +45,13 @@ DEFAULT_SCALE = 3  # what a checkpoint without a scale (a bare state_dict) is ta
 LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"  # the files a run writes into its folder
 
 HERE = Path(__file__).resolve().parent
-SHIPPED = {2: HERE / "models" / "srcnn_x2.pth", 3: HERE / "checkpoint.pth", 4: HERE / "models" / "srcnn_x4.pth"}
+# the trained models this project ships, by the network --model names (its filter sizes) and scale
+SHIPPED = {("915", 2): HERE / "models" / "srcnn_x2.pth", ("915", 3): HERE / "checkpoint.pth",
+           ("915", 4): HERE / "models" / "srcnn_x4.pth", ("955", 3): HERE / "models" / "srcnn_955_x3.pth"}
+SHIPPED_NETWORKS = tuple(dict.fromkeys(network for network, _ in SHIPPED))  # --model's choices, 915 first
+MODEL_HELP = ("without a checkpoint, the shipped model of this network and --scale: " + "; ".join(
+    f"{n} ({n[0]}-{n[1]}-{n[2]}) at x{', x'.join(str(s) for m, s in SHIPPED if m == n)}" for n in SHIPPED_NETWORKS)
+    + " (default: 915, the assignment's)")
 
 
 def numbered(epoch: int) -> str:
@@ -170,15 +176,21 @@ def load_model(path: str | Path, device: torch.device, scale: int | None = None)
     return model, scale_of(checkpoint, path, scale), checkpoint
 
 
-def shipped_checkpoint(scale: int | None, otherwise: str) -> Path:
-    """The trained model this project ships for `scale`; None: x3, the assignment's. `otherwise`
-    says how the caller takes a model of another scale."""
-    shipped = f"x{', x'.join(map(str, SHIPPED))}"
-    if scale is not None and scale < 2:
+def chosen_checkpoint(path: str | None, scale: int | None, network: str | None, otherwise: str) -> Path:
+    """The checkpoint a command runs: the one named, else the trained model this project ships of
+    `network` (--model; None: 915, the assignment's) for `scale` (None: x3). `otherwise` says how
+    the caller takes a model of another scale."""
+    if path is not None:
+        if network is not None:
+            raise UserError(f"--model picks a shipped model; with a checkpoint named ({path}) leave it out")
+        return Path(path)
+    network, scale = network or SHIPPED_NETWORKS[0], DEFAULT_SCALE if scale is None else scale
+    shipped = f"x{', x'.join(str(s) for n, s in SHIPPED if n == network)}"
+    if scale < 2:
         raise UserError(f"--scale must be at least 2 (models are shipped for {shipped})")
-    if scale is not None and scale not in SHIPPED:
-        raise UserError(f"no model is shipped for x{scale} (only {shipped}); {otherwise}")
-    return SHIPPED[scale or DEFAULT_SCALE]
+    if (network, scale) not in SHIPPED:
+        raise UserError(f"no {network} model is shipped for x{scale} (only {shipped}); {otherwise}")
+    return SHIPPED[network, scale]
 
 
 # ---------------------------------------------------------------- a training run's state

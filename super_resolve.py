@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import info
-from checkpoint import load_model, shipped_checkpoint
+from checkpoint import MODEL_HELP, SHIPPED_NETWORKS, chosen_checkpoint, load_model
 from data import DEGRADATIONS, IMAGE_SUFFIXES, image_to_tensor, load_image, modcrop, save_image, split_modes, upscale
 from files import check_writable
 from inference import Network, super_resolve_image
@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="low-resolution image(s), folder(s) or glob(s)")
     parser.add_argument("--checkpoint", help="one of our checkpoints, or a bare SRCNN state_dict (default: the "
-                        "model shipped for --scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
+                        "model shipped for --model and --scale: checkpoint.pth for x3, models/srcnn_x2.pth, "
+                        "models/srcnn_x4.pth, ...)")
+    parser.add_argument("--model", choices=SHIPPED_NETWORKS, help=MODEL_HELP)
     parser.add_argument("--output", help="output file, or folder for several inputs "
                         "(default: <stem>_srcnn_x<scale>.png beside each input)")
     parser.add_argument("--gt", metavar="HR",
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint or shipped_checkpoint(args.scale, "pass --checkpoint CKPT trained at that scale")
+    checkpoint = chosen_checkpoint(args.checkpoint, args.scale, args.model,
+                                   "pass --checkpoint CKPT trained at that scale")
     if args.export:
         export_onnx(load_model(checkpoint, choose_device(False), args.scale)[0], Path(args.export))
         print(f"ONNX model written to {args.export}")

@@ -466,7 +466,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                       "each run took to reach these evaluation PSNRs, e.g. 30.40 32.00 32.39 (default: none)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
     ev.add_argument("checkpoint", nargs="?", help="the checkpoint to evaluate (default: the model shipped for "
-                    "--scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth)")
+                    "--model and --scale: checkpoint.pth for x3, models/srcnn_x2.pth, models/srcnn_x4.pth, ...)")
+    ev.add_argument("--model", choices=checkpoint.SHIPPED_NETWORKS, help=checkpoint.MODEL_HELP)
     ev.add_argument("--sets", nargs="+", help="data set folders under the data root (default: those of "
                     f"{', '.join(EVALUATION_SETS)} found there)")
     ev.add_argument("--degradation", choices=DEGRADATIONS, default="pil", help="bicubic: Pillow's or MATLAB's")
@@ -489,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history, args.reach)
     if args.command == "evaluate":
-        path = args.checkpoint or str(checkpoint.shipped_checkpoint(
-            args.scale, "name a checkpoint trained at that scale: python train.py evaluate CHECKPOINT"))
+        path = str(checkpoint.chosen_checkpoint(args.checkpoint, args.scale, args.model, "name a checkpoint "
+                                                "trained at that scale: python train.py evaluate CHECKPOINT"))
         return evaluate_checkpoint(path, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale,
                                    args.degradation, args.report)
     if args.command == "train":

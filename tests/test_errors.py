@@ -146,10 +146,10 @@ def test_download_into_a_folder_that_cannot_be_made(cli, tmp_path):
 
 def test_a_scale_without_a_model_says_how_each_command_takes_one(cli, mini_root):
     evaluated = cli("train", "evaluate", "--scale", "5", "--data-root", str(mini_root))
-    assert_clean_error(evaluated, "no model is shipped for x5", "python train.py evaluate CHECKPOINT")
+    assert_clean_error(evaluated, "no 915 model is shipped for x5", "python train.py evaluate CHECKPOINT")
     assert "--checkpoint" not in evaluated.stderr
     upscaled = cli("super_resolve", "--scale", "5", "lr.png")
-    assert_clean_error(upscaled, "no model is shipped for x5", "--checkpoint CKPT")
+    assert_clean_error(upscaled, "no 915 model is shipped for x5", "--checkpoint CKPT")
     for scale in ("0", "1", "-3"):
         assert_clean_error(cli("super_resolve", "--scale", scale, "lr.png"), "--scale must be at least 2", "x2, x3, x4")
     assert "x2, x3 and x4" in cli("super_resolve", "--version").stdout

@@ -27,27 +27,32 @@ def test_the_entries_are_what_torch_hub_lists_with_their_help():
     assert "weights_only" in hubconf.srcnn.__doc__ and "super_resolve.py" in hubconf.upscaler.__doc__
 
 
-@pytest.mark.parametrize("scale", sorted(SHIPPED))
-def test_the_model_holds_the_shipped_weights(scale):
-    model = hub("srcnn", scale=scale)
-    assert not model.training and sum(p.numel() for p in model.parameters()) == 20_099
-    shipped = load_checkpoint(SHIPPED[scale])["model"]
+@pytest.mark.parametrize("network, scale", sorted(SHIPPED))
+def test_the_model_holds_the_shipped_weights(network, scale):
+    model = hub("srcnn", scale=scale, network=network)
+    assert not model.training and sum(p.numel() for p in model.parameters()) == {"915": 20_099, "955": 69_251}[network]
+    shipped = load_checkpoint(SHIPPED[network, scale])["model"]
     assert all(torch.equal(value, shipped[key]) for key, value in model.state_dict().items())
 
 
-def test_untrained_model_and_unknown_scale():
+def test_untrained_model_and_unknown_scale_or_model():
     fresh = hub("srcnn", pretrained=False)
     assert not torch.equal(fresh.conv1.weight, hub("srcnn").conv1.weight)
-    with pytest.raises(ValueError, match="no SRCNN model is shipped for x5; choose scale 2, 3 or 4"):
+    assert hub("srcnn", pretrained=False, network="955").conv2.kernel_size == (5, 5)
+    with pytest.raises(ValueError, match="no 915 SRCNN model is shipped for x5; choose scale 2, 3, 4"):
         hub("srcnn", scale=5)
+    with pytest.raises(ValueError, match="no 955 SRCNN model is shipped for x2; choose scale 3"):
+        hub("srcnn", scale=2, network="955")
+    with pytest.raises(ValueError, match="network must be one of 915, 955, not '935'"):
+        hub("srcnn", network="935")
 
 
-@pytest.mark.parametrize("scale", sorted(SHIPPED))
-def test_the_upscaler_gives_super_resolves_output(cli, tmp_path, scale):
+@pytest.mark.parametrize("network, scale", sorted(SHIPPED))
+def test_the_upscaler_gives_super_resolves_output(cli, tmp_path, network, scale):
     lr = generated_image(40, seed=scale).crop((0, 0, 40, 31))
     lr.save(tmp_path / "lr.png")
-    assert cli("super_resolve", "--scale", str(scale), str(tmp_path / "lr.png"),
+    assert cli("super_resolve", "--model", network, "--scale", str(scale), str(tmp_path / "lr.png"),
                "--output", str(tmp_path / "sr.png")).returncode == 0
-    ours = hub("upscaler", scale=scale)(lr)
+    ours = hub("upscaler", scale=scale, network=network)(lr)
     assert ours.size == (40 * scale, 31 * scale)
     assert np.array_equal(np.asarray(ours), np.asarray(Image.open(tmp_path / "sr.png")))
