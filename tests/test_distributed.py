@@ -123,6 +123,16 @@ def finish(procs, timeout=120):
     return results
 
 
+def stop_after_epoch_1(procs) -> None:
+    """SIGTERM both processes once rank 0 has finished epoch 1; both must stop saving (exit 143)."""
+    while "epoch    1" not in procs[0].stdout.readline():
+        assert procs[0].poll() is None, "rank 0 ended early"
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    results = finish(procs)
+    assert [r.returncode for r in results] == [143, 143], results[0].stderr[-2000:]
+
+
 @pytest.fixture()
 def one_epoch(cli, mini_root, tmp_path):
     out = tmp_path / "ck"
@@ -152,13 +162,7 @@ def test_a_failure_in_any_process_ends_all_with_the_same_line_and_writes_nothing
 def test_interrupted_under_two_processes_records_the_loss_of_both(cli, mini_root, tmp_path):
     flags = ("--batch-size", "2", "--stride", "4", "--num-epoch", "3", "--lr", "1e-3", "--data-root", str(mini_root))
     assert cli("train", "train", *flags, "--checkpoint-dir", str(tmp_path / "whole")).returncode == 0
-    procs = spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two"))
-    while "epoch    1" not in procs[0].stdout.readline():
-        assert procs[0].poll() is None, "rank 0 ended early"
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    results = finish(procs)
-    assert [r.returncode for r in results] == [143, 143], results[0].stderr[-2000:]
+    stop_after_epoch_1(spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two")))
     interrupted = torch.load(tmp_path / "two" / "interrupted.pth", weights_only=True)
     assert interrupted["position"] is not None and interrupted["position"]["batch"] < interrupted["position"]["batches"]
     assert cli("train", "resume", str(tmp_path / "two" / "interrupted.pth")).returncode == 0
@@ -176,13 +180,7 @@ def test_two_processes_streaming_their_shares_resume_exactly(mini_root, tmp_path
     whole = finish(spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "whole")))
     assert [r.returncode for r in whole] == [0, 0], whole[0].stderr[-2000:]
     assert whole[0].stdout.count("PSNR") == 3 and "streamed in parts" in whole[0].stderr
-    procs = spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two"))
-    while "epoch    1" not in procs[0].stdout.readline():
-        assert procs[0].poll() is None, "rank 0 ended early"
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    results = finish(procs)
-    assert [r.returncode for r in results] == [143, 143], results[0].stderr[-2000:]
+    stop_after_epoch_1(spawn("train", *flags, "--checkpoint-dir", str(tmp_path / "two")))
     resumed = finish(spawn("resume", str(tmp_path / "two" / "interrupted.pth")))
     assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-2000:]
     expected = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
