@@ -37,7 +37,7 @@ from download import default_data_root
 from inference import enhance, super_resolve_image
 from model import SRCNN
 from onnx_engine import engine_for, export_onnx, onnx_model
-from train import cpu_chunk, make_batch, mixed_precision, train_step
+from train import cpu_pass, make_batch, mixed_precision, train_step
 from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
@@ -83,14 +83,16 @@ def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.de
 def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
     """train.py's own path: uint8 patches held on the device, make_batch, channels_last, train_step."""
     model = SRCNN().to(device, memory_format=torch.channels_last)
+    model.last_layer_by_phase = device.type == "cpu"  # as train.py's Trainer sets it
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     autocast, scaler = mixed_precision({"amp": "off"}, device)  # float32, as train.py trains by default
+    pass_patches = cpu_pass(PATCH, BATCH)[0] if device.type == "cpu" else None
     inputs, targets = inputs.to(device), targets.to(device)
     synchronize(device)
     start = time.perf_counter()
     for index in torch.randperm(len(inputs), device=device).split(BATCH):
         x, y = make_batch(inputs[index], targets[index], 0)
-        train_step(model, optimizer, x, y, autocast, scaler, chunk=cpu_chunk(PATCH) if device.type == "cpu" else None)
+        train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
     synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 

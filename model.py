@@ -4,6 +4,7 @@ shapes of the paper's studies (filter sizes such as 9-3-5 and 9-5-5, wider layer
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,7 +44,10 @@ ASSIGNMENT = Shape()  # Conv 3->64 9x9, ReLU, Conv 64->32 1x1, ReLU, Conv 32->3 
 
 
 class SRCNN(nn.Module):
-    """Maps a bicubic-upscaled image in [0, 1] (RGB, or its Y channel) to the high-resolution one, same size."""
+    """Maps a bicubic-upscaled image in [0, 1] (RGB, or its Y channel) to the high-resolution one, same size.
+
+    `last_layer_by_phase` computes the last layer as conv_by_phase does: the same sums and the same
+    weights, faster on a CPU (training sets it there); off, the plain convolution (the GPU's way)."""
 
     def __init__(self, shape: Shape = ASSIGNMENT) -> None:
         super().__init__()
@@ -52,11 +56,36 @@ class SRCNN(nn.Module):
         self.conv1 = nn.Conv2d(c, n1, kernel_size=k1, padding=k1 // 2)
         self.conv2 = nn.Conv2d(n1, n2, kernel_size=k2, padding=k2 // 2)
         self.conv3 = nn.Conv2d(n2, c, kernel_size=k3, padding=k3 // 2)
+        self.last_layer_by_phase = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
-        return self.conv3(x)
+        return conv_by_phase(x, self.conv3) if self.last_layer_by_phase else self.conv3(x)
+
+
+def phase_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a stride-2 convolution, one tap wider and padded (p, p + 1) each way, that
+    gives the k x k convolution `conv` in 2x2 blocks: output pixel (2y + a, 2x + b) of channel c is
+    channel 4c + 2a + b at (y, x), its weights the k x k ones shifted by (a, b) among zeros, so every
+    sum is the original one, and autograd takes the gradients back to the k x k weights.
+
+    Why: CPU convolutions (oneDNN in PyTorch, ONNX Runtime) compute output channels in blocks of 8
+    or 16, so the last layer's 3 cost as much as 16; as 12 channels over a quarter of the positions
+    with 36 taps instead of 25 they cost 16 * 36 / 4 against 16 * 25 per pixel (docs/speed.md)."""
+    out_channels, in_channels, k, _ = conv.weight.shape
+    shifted = [F.pad(conv.weight, (b, 1 - b, a, 1 - a)) for a in (0, 1) for b in (0, 1)]
+    return (torch.stack(shifted, dim=1).reshape(4 * out_channels, in_channels, k + 1, k + 1),
+            conv.bias.repeat_interleave(4))
+
+
+def conv_by_phase(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` (a k x k convolution padded k // 2, k odd) computed by phase_weights' stride-2
+    convolution, its 2x2 blocks put in place by pixel_shuffle, cropped to x's height and width."""
+    p, (height, width) = conv.padding[0], x.shape[-2:]
+    weight, bias = phase_weights(conv)
+    blocks = F.conv2d(F.pad(x, (p, p + 1, p, p + 1)), weight, bias, stride=2)
+    return F.pixel_shuffle(blocks, 2)[..., :height, :width]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from files import atomic_write
 from inference import Network
-from model import SRCNN
+from model import SRCNN, phase_weights
 from utils import UserError
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -51,8 +51,8 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     any N, H, W); output "output", the SRCNN image of the same size. With `images`, 8-bit images in
     and out instead (N x H x W x 3 uint8, as images lie in memory), converted inside the graph exactly
     as enhance converts them (/ 255; clamp to [0, 1], * 255, round), so no pass over pixels is left
-    outside ONNX Runtime. With `polyphase`, the last layer runs as polyphase_conv says: the same
-    sums, in a third of ONNX Runtime's CPU time."""
+    outside ONNX Runtime. With `polyphase`, the last layer runs as model.phase_weights says: the
+    same sums, in a third of ONNX Runtime's CPU time."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -64,7 +64,7 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     for i, conv in enumerate((model.conv1, model.conv2, model.conv3), start=1):
         by_phase, pad = i == 3 and polyphase, conv.padding[0]
         weight, bias = (p.detach().float().cpu().contiguous().numpy()
-                        for p in (polyphase_conv(conv) if by_phase else (conv.weight, conv.bias)))
+                        for p in (phase_weights(conv) if by_phase else (conv.weight, conv.bias)))
         chain.then("Conv", weight, bias, names=(f"conv{i}.weight", f"conv{i}.bias"),
                    kernel_shape=list(weight.shape[2:]), strides=[2, 2] if by_phase else [1, 1],
                    pads=[pad, pad, pad + 1, pad + 1] if by_phase else [pad] * 4)
@@ -90,21 +90,6 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     proto.ir_version = 8  # what opset 17 needs; older ONNX Runtimes refuse newer IR versions
     onnx.checker.check_model(proto)
     return proto
-
-
-def polyphase_conv(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a stride-2 convolution, one pixel wider and padded (p, p, p + 1, p + 1),
-    giving a k x k convolution's output in 2x2 blocks: output pixel (2y + a, 2x + b) of channel c
-    is channel 4c + 2a + b at (y, x), its weights the k x k ones shifted by (a, b) among zeros, so
-    every sum is the original one. Why: ONNX Runtime's blocked CPU convolution pads output channels
-    to 8 or 16, so the last layer's 3 cost as much as 16; as 12 channels over a quarter of the
-    positions with 36 taps instead of 25 it costs 16 * 36 / 4 against 16 * 25 per pixel."""
-    out_channels, in_channels, k, _ = conv.weight.shape
-    weight = conv.weight.new_zeros(out_channels, 2, 2, in_channels, k + 1, k + 1)
-    for a in range(2):
-        for b in range(2):
-            weight[:, a, b, :, a : a + k, b : b + k] = conv.weight
-    return weight.reshape(4 * out_channels, in_channels, k + 1, k + 1), conv.bias.repeat_interleave(4)
 
 
 def export_onnx(model: SRCNN, path: Path) -> None:

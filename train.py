@@ -40,7 +40,8 @@ from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from streaming import StreamedPatches
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
-CPU_CHUNK_PIXELS = 32 * 33 * 33  # patch pixels per forward/backward pass on a CPU (see cpu_chunk)
+AVX2_PASS_PIXELS = 35_000  # patch pixels per forward/backward pass on a CPU without AVX-512 (see cpu_pass)
+L2_BYTES_PER_PASS_PIXEL = 90  # with AVX-512: as many pixels a pass as a core's L2 holds at this rate
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
 
 
@@ -49,18 +50,19 @@ CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
                autocast: torch.autocast, scaler: torch.amp.GradScaler, border: int = 0,
-               chunk: int | None = None) -> torch.Tensor:
+               pass_patches: int | None = None) -> torch.Tensor:
     """One MSE/Adam update on a batch; its loss (`border` pixels in from the patch edges) as a tensor
-    on the device, so that nothing waits for the device. `chunk` patches pass at a time with the
-    gradients summed: the same update, but on a CPU the activations stay in cache (see cpu_chunk);
-    None = all at once (the GPU's way). `autocast`: the forward pass's mixed-precision context and
-    `scaler` the fp16 loss scaler, both disabled but for --amp on CUDA."""
+    on the device, so that nothing waits for the device. The batch passes through the network in
+    passes of equal size (within one patch), at most `pass_patches` each, with the gradients summed:
+    the same update, but on a CPU the activations stay in cache (see cpu_pass); None = all at once
+    (the GPU's way). `autocast`: the forward pass's mixed-precision context and `scaler` the fp16
+    loss scaler, both disabled but for --amp on CUDA."""
     optimizer.zero_grad(set_to_none=True)
-    size = chunk or len(inputs)
-    pairs = list(zip(inputs.split(size), targets.split(size), strict=True))
+    passes = -(-len(inputs) // (pass_patches or len(inputs)))
+    pairs = list(zip(inputs.tensor_split(passes), targets.tensor_split(passes), strict=True))
     total = torch.zeros((), device=inputs.device)
     for i, (x, y) in enumerate(pairs):
-        last = i == len(pairs) - 1  # DDP averages gradients across processes once, after the last chunk
+        last = i == len(pairs) - 1  # DDP averages gradients across processes once, after the last pass
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast:
                 out = model(x)
@@ -75,10 +77,32 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     return total
 
 
-def cpu_chunk(patch_size: int) -> int:
-    """Patches per forward/backward pass on a CPU: passes of about 35k pixels keep the activations in
-    cache; passes of 74k ran the step 1.25-1.4x slower at 48x48 and 96x96 patches (docs/speed.md)."""
-    return max(1, CPU_CHUNK_PIXELS // patch_size**2)
+def l2_cache_bytes() -> int | None:
+    """A core's level-2 cache as Linux reports it (/sys/devices/system/cpu/cpu0/cache), else None."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
+    """(patches per forward/backward pass on this CPU, why). Measured with bench.py (docs/speed.md):
+    without AVX-512 passes of about 35k pixels ran the step fastest (a 2-core AMD EPYC); with it,
+    passes of about what a core's L2 holds at 90 bytes a pixel (AMD EPYC, 1 MiB: 4-6 patches of 48x48
+    ran the x3 recipe's step 1.9x as fast as 15; Intel Xeon, 2 MiB: 8). The passes of a batch are of
+    equal size: 16 patches as 6 + 5 + 5, not 15 + 1. Deterministic, so that the same command on the
+    same machine trains the same weights."""
+    capability, l2 = torch.backends.cpu.get_cpu_capability(), l2_cache_bytes()
+    if capability == "AVX512" and l2:
+        pixels, why = l2 // L2_BYTES_PER_PASS_PIXEL, f"AVX-512, {l2 >> 10} KiB of L2 a core"
+    else:
+        pixels, why = AVX2_PASS_PIXELS, f"{capability}, no AVX-512"
+    passes = max(1, round(batch_size * patch_size**2 / pixels))
+    return -(-batch_size // passes), f"{why}: passes of about {pixels:,} pixels"
 
 
 def make_batch(inputs: torch.Tensor, targets: torch.Tensor, transform: int,
@@ -153,6 +177,7 @@ class Trainer:
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
         model = SRCNN(checkpoint.shape_of_args(args))
+        model.last_layer_by_phase = processes.device.type == "cpu"  # the same sums, faster there (cpu_pass)
         if args["init"] == "identity":
             init_identity_(model)
         elif init_weights is not None and resumed is None:  # a resumed run has its own weights
@@ -167,7 +192,13 @@ class Trainer:
         if command:
             self.progress.commands.append({"epoch": self.progress.epoch, "command": command})
         self.ddp_model = processes.wrap(self.model)
-        self.chunk = cpu_chunk(args["patch_size"]) if processes.device.type == "cpu" else None
+        self.pass_patches = None  # the GPU's way: the whole batch at once
+        if processes.device.type == "cpu":  # passes that fit the CPU's caches
+            why = "as given or recorded"
+            if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
+                args["pass_patches"], why = cpu_pass(args["patch_size"], args["batch_size"] // processes.world)
+            self.pass_patches = args["pass_patches"]
+            processes.say(f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer by phase")
 
     @property
     def eval_model(self) -> SRCNN:
@@ -197,7 +228,7 @@ class Trainer:
             group["lr"] = learning_rate(self.args, progress)
         inputs, targets = make_batch(*self.patches.take(index), transform, self.model.shape.channels == 1)
         loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
-                          self.args["loss_border"], self.chunk)
+                          self.args["loss_border"], self.pass_patches)
         if self.ema is not None:
             update_ema(self.ema, self.model, self.args["ema_decay"], optimizer_steps(self.optimizer))
         return loss * len(index)
@@ -374,6 +405,9 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
          help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB; "
               "a larger set is streamed a part at a time")
     flag("--workers", type=int, default=2, help="processes that read the next part of a streamed set while one trains")
+    flag("--pass-patches", type=int, default=None, metavar="N",
+         help="on a CPU, the most patches a forward/backward pass takes (the batch in passes of equal size; "
+              "default: chosen for this CPU and recorded)")
     flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
          help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
     flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
@@ -420,6 +454,8 @@ def check_training_args(args: dict) -> None:
         raise UserError("--scale must be at least 2")
     if not args["lr"] > 0:
         raise UserError("--lr must be positive")
+    if args["pass_patches"] is not None and args["pass_patches"] < 1:
+        raise UserError("--pass-patches must be at least 1")
     if args["workers"] < 0:
         raise UserError("--workers must be at least 0 (0: read in the training process)")
     if not 0 <= args["loss_border"] < args["patch_size"] // 2:

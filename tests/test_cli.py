@@ -17,7 +17,7 @@ from conftest import ROOT, assert_clean_error, run
 from data import downscale, image_to_tensor, modcrop, upscale
 from metrics import psnr
 from model import SRCNN
-from train import cpu_chunk, learning_rate, mixed_precision, train_step
+from train import cpu_pass, learning_rate, mixed_precision, train_step
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -228,19 +228,34 @@ def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
     assert max(cosine) <= 1e-3 and cosine[-1] >= 1e-6
 
 
-def test_a_chunked_step_is_the_whole_batch_step():
-    assert [cpu_chunk(size) for size in (33, 48, 96, 400)] == [32, 15, 3, 1]  # about 35k pixels a pass
+def test_a_step_in_passes_is_the_whole_batch_step():
     torch.manual_seed(0)
     inputs, targets = torch.rand(2, 8, 3, 20, 20)
     results = []
-    for size in (None, 3):  # 8 patches whole, and in passes of 3, 3 and 2
+    for size in (None, 3):  # 8 patches whole, and in three passes of equal size: 3, 3 and 2
         torch.manual_seed(1)
         model = SRCNN()
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient, scale and all
+        sizes = []
+        model.register_forward_pre_hook(lambda module, args, sizes=sizes: sizes.append(len(args[0])))
         loss = train_step(model, optimizer, inputs, targets, *mixed_precision({"amp": "off"}, torch.device("cpu")),
-                          chunk=size)
-        results.append((loss, [p.detach().clone() for p in model.parameters()]))
-    (whole_loss, whole), (chunked_loss, chunked) = results
-    assert torch.allclose(whole_loss, chunked_loss, rtol=1e-5)
-    for a, b in zip(whole, chunked, strict=True):
+                          pass_patches=size)
+        results.append((loss, [p.detach().clone() for p in model.parameters()], sizes))
+    (whole_loss, whole, whole_sizes), (passed_loss, passed, passed_sizes) = results
+    assert whole_sizes == [8] and passed_sizes == [3, 3, 2]
+    assert torch.allclose(whole_loss, passed_loss, rtol=1e-5)
+    for a, b in zip(whole, passed, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_cpu_pass_is_chosen_from_what_the_cpu_is(monkeypatch):
+    """Equal passes of about 35k pixels without AVX-512, of a core's L2 at 90 bytes a pixel with it."""
+    import train
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == [16, 32, 4]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    for l2, passes in ((1 << 20, [6, 11, 2]), (2 << 20, [8, 22, 3])):  # AMD EPYC, Intel Xeon
+        monkeypatch.setattr(train, "l2_cache_bytes", lambda l2=l2: l2)
+        assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == passes
+        assert f"{l2 >> 10} KiB of L2" in cpu_pass(48, 16)[1]

@@ -1,6 +1,8 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
-from model import SRCNN, init_identity_
+from model import SRCNN, Shape, init_identity_
 
 
 def test_layers_and_parameter_count():
@@ -17,6 +19,30 @@ def test_layers_and_parameter_count():
 def test_output_has_input_size():
     out = SRCNN()(torch.rand(2, 3, 17, 23))
     assert out.shape == (2, 3, 17, 23)
+
+
+@pytest.mark.parametrize("shape", [Shape(), Shape((9, 5, 5)), Shape((9, 3, 5), channels=1)])
+@pytest.mark.parametrize("height, width", [(48, 48), (33, 33), (21, 16), (1, 2)])
+def test_the_last_layer_by_phase_gives_the_plain_loss_and_gradients(shape, height, width):
+    """Training on a CPU computes the last layer by phase: the same loss and the same gradients of
+    every weight as nn.Conv2d's, within float32 rounding, on odd and even sizes."""
+    generator = torch.Generator().manual_seed(height * width)
+    model = SRCNN(shape)
+    x = torch.rand(3, shape.channels, height, width, generator=generator)
+    y = torch.rand(3, shape.channels, height, width, generator=generator)
+    results = []
+    for by_phase in (False, True):
+        model.zero_grad()
+        model.last_layer_by_phase = by_phase
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (plain_loss, plain), (phase_loss, phase) = results
+    assert torch.allclose(plain_loss, phase_loss, rtol=1e-5)
+    for name, gradient in plain.items():
+        scale = gradient.abs().max()
+        assert (phase[name] - gradient).abs().max() <= 1e-5 * scale + 1e-9, name
+    assert set(model.state_dict()) == set(SRCNN(shape).state_dict())  # no weights of its own
 
 
 def test_identity_init_passes_input_through():

@@ -26,7 +26,7 @@ def recipe_of(network: str, scale: int) -> str:
     return f"@recipes/{'' if network == '915' else network + '_'}x{scale}.args"
 
 
-WHERE_IT_RAN = ("cuda", "data_root", "checkpoint_dir")  # the device and folders of the run, not what it trained
+WHERE_IT_RAN = ("cuda", "data_root", "checkpoint_dir", "pass_patches")  # where it ran, not what it trained
 
 
 def training_args(argv: list[str]) -> dict:
