@@ -35,7 +35,7 @@ from checkpoint import INTERRUPTED, LAST, load_model
 from data import image_size, list_images, load_rgb
 from download import default_data_root
 from inference import enhance, super_resolve_image
-from model import SRCNN
+from model import SRCNN, conv_by_phase
 from onnx_engine import engine_for, export_onnx, onnx_model
 from train import cpu_pass, make_batch, mixed_precision, train_step
 from utils import HelpFormatter, choose_device, run_cli
@@ -264,6 +264,63 @@ def reliability_warnings(ours: list[float], textbook: list[float], others_share:
     return warnings
 
 
+STEPS = ((16, 48), (128, 33))  # (batch, patch size): the x3 recipe's step, and the assignment's batch
+
+
+def step_model(device: torch.device) -> SRCNN:
+    """The network as train.py's Trainer trains it on `device`."""
+    model = SRCNN().to(device, memory_format=torch.channels_last)
+    model.last_layer_by_phase = device.type == "cpu"
+    return model
+
+
+def step_milliseconds(batch: int, size: int, device: torch.device, calls: int) -> float:
+    """train.py's step (train_step, in the passes it chooses on a CPU) on `batch` patches of `size`:
+    the lower quartile of `calls` timed calls, after a warm-up."""
+    model = step_model(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    autocast, scaler = mixed_precision({"amp": "off"}, device)
+    patches = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x, y = make_batch(patches, patches, 0)
+    pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else None
+    times = []
+    for _ in range(calls + 5):
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times[5:])[calls // 4]
+
+
+def layer_shares(batch: int, size: int, device: torch.device, calls: int) -> dict[str, float]:
+    """Each convolution's share of a pass's forward and backward (its input's gradient too, but the
+    first's), timed alone at the pass size train.py chooses: where the step's time goes."""
+    model = step_model(device)
+    pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else batch
+    x = torch.rand(pass_patches, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = torch.relu(model.conv1(x))
+        second = torch.relu(model.conv2(first))
+    last = conv_by_phase if model.last_layer_by_phase else (lambda t, conv: conv(t))
+    layers = {"conv1 9x9 3->64": (lambda t: model.conv1(t), x),
+              "conv2 1x1 64->32": (lambda t: model.conv2(t), first.requires_grad_()),
+              "conv3 5x5 32->3" + (" (by phase)" if model.last_layer_by_phase else ""):
+                  (lambda t: last(t, model.conv3), second.requires_grad_())}
+    seconds = {}
+    for name, (layer, t) in layers.items():
+        times = []
+        for _ in range(calls + 3):
+            synchronize(device)
+            start = time.perf_counter()
+            out = layer(t)
+            out.backward(torch.ones_like(out))
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        seconds[name] = sorted(times[3:])[calls // 4]
+    return {name: value / sum(seconds.values()) for name, value in seconds.items()}
+
+
 def training_rates(device: torch.device, rounds: int, patches: int) -> tuple[list[float], list[float]]:
     """Patches per second of train.py's loop and of the textbook loop, `rounds` each, alternated so
     that both see the same machine."""
@@ -418,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     device = choose_device(args.cuda)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)))
+    calls = 20 if args.quick else 40
+    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, device, calls), 2) for batch, size in STEPS}
+    shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
+                                          layer_shares(batch, size, device, calls).items()} for batch, size in STEPS}
+    passes = {f"{batch}x{size}x{size}": cpu_pass(size, batch) if device.type == "cpu" else (batch, "CUDA: whole batch")
+              for batch, size in STEPS}
     peak = matmul_gflops(3 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
     achieved = our_rate * training_flops_per_patch() / 1e9
@@ -440,6 +503,10 @@ def main(argv: list[str] | None = None) -> None:
         "train_patches_per_s_ours": round(our_rate, 1),
         "train_patches_per_s_textbook": round(textbook_rate, 1),
         "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
+        "step_ms": steps,
+        "step_passes": passes,
+        "layer_shares": shares,
+        "textbook_step_ms_128x33x33": round(1000 * BATCH / textbook_rate, 2),
         "train_gflops": round(achieved, 1),
         "matmul_gflops": round(peak, 1),
         "fraction_of_matmul_peak": round(achieved / peak, 3),
@@ -461,6 +528,14 @@ def print_results(results: dict, as_json: bool) -> None:
     print(f"machine                          {r['machine']}")
     print(f"training, patches/s (33x33, b128) ours {r['train_patches_per_s_ours']:.0f}  "
           f"textbook {r['train_patches_per_s_textbook']:.0f}  ratio {r['speedup_vs_textbook']:.2f}x")
+    for step, ms in r["step_ms"].items():
+        patches, why = r["step_passes"][step]
+        batch = int(step.split("x")[0])
+        print(f"train.py step, {step:10s}       {ms:.1f} ms ({batch * 1000 / ms:.0f} patches/s), passes of at most "
+              f"{patches} ({why})" + (f"; the textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms"
+                                       if step == "128x33x33" else ""))
+        print("  layer shares                   " + ", ".join(f"{name} {share:.0%}"
+                                                           for name, share in r["layer_shares"][step].items()))
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
           f"({r['fraction_of_matmul_peak']:.0%})")
     print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")
