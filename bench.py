@@ -31,18 +31,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import INTERRUPTED, LAST, load_model
-from data import image_size, list_images, load_rgb
+from checkpoint import INTERRUPTED, LAST, load_model, shape_of_args
+from data import image_size, list_images, load_rgb, rgb_to_y
 from download import default_data_root
 from inference import enhance, super_resolve_image
-from model import SRCNN, conv_by_phase
+from model import ASSIGNMENT, SRCNN, Shape, conv_by_phase
 from onnx_engine import engine_for, export_onnx, onnx_model
-from train import cpu_pass, make_batch, mixed_precision, train_step
+from train import cpu_pass, filter_sizes, make_batch, mixed_precision, train_step
 from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
 CHECKPOINT = Path(__file__).with_name("checkpoint.pth")
-NETWORK_FLOPS_PER_PIXEL = 2 * (3 * 81 * 64 + 64 * 32 + 32 * 25 * 3)  # multiply-adds of the three convolutions
 
 
 class TextbookPatches(Dataset):
@@ -64,8 +63,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
-    model = SRCNN().to(device)
+def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, shape: Shape) -> float:
+    """A port's loop; for a Y network its patches are Y already (ports prepare them beforehand)."""
+    if shape.channels == 1:
+        inputs, targets = (rgb_to_y(t.float()).round().to(torch.uint8).unsqueeze(1) for t in (inputs, targets))
+    model = SRCNN(shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(TextbookPatches(inputs, targets), batch_size=BATCH, shuffle=True)
     synchronize(device)
@@ -80,10 +82,9 @@ def textbook_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.de
     return len(inputs) / (time.perf_counter() - start)
 
 
-def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, shape: Shape) -> float:
     """train.py's own path: uint8 patches held on the device, make_batch, channels_last, train_step."""
-    model = SRCNN().to(device, memory_format=torch.channels_last)
-    model.last_layer_by_phase = device.type == "cpu"  # as train.py's Trainer sets it
+    model = step_model(device, shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     autocast, scaler = mixed_precision({"amp": "off"}, device)  # float32, as train.py trains by default
     pass_patches = cpu_pass(PATCH, BATCH)[0] if device.type == "cpu" else None
@@ -91,21 +92,23 @@ def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device)
     synchronize(device)
     start = time.perf_counter()
     for index in torch.randperm(len(inputs), device=device).split(BATCH):
-        x, y = make_batch(inputs[index], targets[index], 0)
+        x, y = make_batch(inputs[index], targets[index], 0, shape.channels == 1)
         train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
     synchronize(device)
     return len(inputs) / (time.perf_counter() - start)
 
 
-def training_flops_per_patch(size: int = PATCH) -> float:
+def layer_macs(shape: Shape) -> list[int]:
+    """Multiply-adds per pixel of each of the network's three convolutions."""
+    model = SRCNN(shape)
+    return [conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            for conv in (model.conv1, model.conv2, model.conv3)]
+
+
+def training_flops_per_patch(shape: Shape, size: int = PATCH) -> float:
     """Convolution FLOPs of one patch's forward + backward pass, counting what is computed:
     forward and weight gradient of every layer, input gradient of all but the first."""
-    model = SRCNN()
-    flops = 0.0
-    for i, conv in enumerate((model.conv1, model.conv2, model.conv3)):
-        macs = conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * size * size
-        flops += 2 * macs * (2 if i == 0 else 3)
-    return flops
+    return sum(2 * macs * size * size * (2 if i == 0 else 3) for i, macs in enumerate(layer_macs(shape)))
 
 
 def matmul_gflops(seconds: float, device: torch.device) -> float:
@@ -267,21 +270,21 @@ def reliability_warnings(ours: list[float], textbook: list[float], others_share:
 STEPS = ((16, 48), (128, 33))  # (batch, patch size): the x3 recipe's step, and the assignment's batch
 
 
-def step_model(device: torch.device) -> SRCNN:
+def step_model(device: torch.device, shape: Shape) -> SRCNN:
     """The network as train.py's Trainer trains it on `device`."""
-    model = SRCNN().to(device, memory_format=torch.channels_last)
+    model = SRCNN(shape).to(device, memory_format=torch.channels_last)
     model.last_layer_by_phase = device.type == "cpu"
     return model
 
 
-def step_milliseconds(batch: int, size: int, device: torch.device, calls: int) -> float:
+def step_milliseconds(batch: int, size: int, device: torch.device, calls: int, shape: Shape) -> float:
     """train.py's step (train_step, in the passes it chooses on a CPU) on `batch` patches of `size`:
     the lower quartile of `calls` timed calls, after a warm-up."""
-    model = step_model(device)
+    model = step_model(device, shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     autocast, scaler = mixed_precision({"amp": "off"}, device)
     patches = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    x, y = make_batch(patches, patches, 0)
+    x, y = make_batch(patches, patches, 0, shape.channels == 1)
     pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else None
     times = []
     for _ in range(calls + 5):
@@ -293,19 +296,22 @@ def step_milliseconds(batch: int, size: int, device: torch.device, calls: int) -
     return 1000 * sorted(times[5:])[calls // 4]
 
 
-def layer_shares(batch: int, size: int, device: torch.device, calls: int) -> dict[str, float]:
+def layer_shares(batch: int, size: int, device: torch.device, calls: int, shape: Shape) -> dict[str, float]:
     """Each convolution's share of a pass's forward and backward (its input's gradient too, but the
     first's), timed alone at the pass size train.py chooses: where the step's time goes."""
-    model = step_model(device)
+    model = step_model(device, shape)
     pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else batch
-    x = torch.rand(pass_patches, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(pass_patches, shape.channels, size, size, device=device).contiguous(
+        memory_format=torch.channels_last)
     with torch.no_grad():
         first = torch.relu(model.conv1(x))
         second = torch.relu(model.conv2(first))
     last = conv_by_phase if model.last_layer_by_phase else (lambda t, conv: conv(t))
-    layers = {"conv1 9x9 3->64": (lambda t: model.conv1(t), x),
-              "conv2 1x1 64->32": (lambda t: model.conv2(t), first.requires_grad_()),
-              "conv3 5x5 32->3" + (" (by phase)" if model.last_layer_by_phase else ""):
+    names = [f"conv{i} {c.kernel_size[0]}x{c.kernel_size[0]} {c.in_channels}->{c.out_channels}"
+             for i, c in enumerate((model.conv1, model.conv2, model.conv3), start=1)]
+    layers = {names[0]: (lambda t: model.conv1(t), x),
+              names[1]: (lambda t: model.conv2(t), first.requires_grad_()),
+              names[2] + (" (by phase)" if model.last_layer_by_phase else ""):
                   (lambda t: last(t, model.conv3), second.requires_grad_())}
     seconds = {}
     for name, (layer, t) in layers.items():
@@ -321,18 +327,18 @@ def layer_shares(batch: int, size: int, device: torch.device, calls: int) -> dic
     return {name: value / sum(seconds.values()) for name, value in seconds.items()}
 
 
-def training_rates(device: torch.device, rounds: int, patches: int) -> tuple[list[float], list[float]]:
+def training_rates(device: torch.device, rounds: int, patches: int, shape: Shape) -> tuple[list[float], list[float]]:
     """Patches per second of train.py's loop and of the textbook loop, `rounds` each, alternated so
     that both see the same machine."""
     torch.manual_seed(0)
     inputs = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
     targets = torch.randint(0, 256, (patches, 3, PATCH, PATCH), dtype=torch.uint8)
     ours, textbook = [], []
-    our_epoch(inputs[:256], targets[:256], device)  # warm-up
-    textbook_epoch(inputs[:256], targets[:256], device)
+    our_epoch(inputs[:256], targets[:256], device, shape)  # warm-up
+    textbook_epoch(inputs[:256], targets[:256], device, shape)
     for _ in range(rounds):
-        ours.append(our_epoch(inputs, targets, device))
-        textbook.append(textbook_epoch(inputs, targets, device))
+        ours.append(our_epoch(inputs, targets, device, shape))
+        textbook.append(textbook_epoch(inputs, targets, device, shape))
     return ours, textbook
 
 
@@ -464,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
                         "keep it, or take the one made there before (default: a temporary folder, removed after)")
+    parser.add_argument("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
+                        help="time training and the network of this shape, as train.py's flags of the same names "
+                             "(end to end and memory: the shipped checkpoint.pth)")
+    parser.add_argument("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
+                        help="the filters of the first two layers")
+    parser.add_argument("--channels", choices=["rgb", "y"], default="rgb", help="RGB, or the Y channel")
     args = parser.parse_args(argv)
     if args.data:
         count, seconds = (40, 30) if args.quick else (DIV2K_COUNT, 240)
@@ -472,25 +484,29 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             print(json.dumps(results, indent=2))
         return
-    device = choose_device(args.cuda)
+    device, shape = choose_device(args.cuda), shape_of_args(vars(args))
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
-    ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)))
+    ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)), shape)
     calls = 20 if args.quick else 40
-    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, device, calls), 2) for batch, size in STEPS}
+    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, device, calls, shape), 2)
+             for batch, size in STEPS}
     shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
-                                          layer_shares(batch, size, device, calls).items()} for batch, size in STEPS}
+                                          layer_shares(batch, size, device, calls, shape).items()}
+              for batch, size in STEPS}
     passes = {f"{batch}x{size}x{size}": cpu_pass(size, batch) if device.type == "cpu" else (batch, "CUDA: whole batch")
               for batch, size in STEPS}
     peak = matmul_gflops(3 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
-    achieved = our_rate * training_flops_per_patch() / 1e9
-    megapixels = inference_megapixels(SRCNN().to(device, memory_format=torch.channels_last).eval(),
+    achieved = our_rate * training_flops_per_patch(shape) / 1e9
+    megapixels = inference_megapixels(SRCNN(shape).to(device, memory_format=torch.channels_last).eval(),
                                       1 if args.quick else 3)
     rss_size = 1000 if args.quick else 2000
     rss, rss_seconds = super_resolve_peak_rss(rss_size)
-    cpu_model = load_model(CHECKPOINT, torch.device("cpu"))[0]  # ONNX Runtime runs on the CPU: so does ours here
+    cpu_model = (load_model(CHECKPOINT, torch.device("cpu"))[0] if shape == ASSIGNMENT  # ONNX Runtime runs on the
+                 else SRCNN(shape).to(memory_format=torch.channels_last).eval())  # CPU: so does ours here
     network = network_megapixels(cpu_model, 1 if args.quick else 3)
-    network_share = {name: rate * 1e6 * NETWORK_FLOPS_PER_PIXEL / 1e9 / peak for name, rate in network.items()}
+    flops_per_pixel = 2 * sum(layer_macs(shape))
+    network_share = {name: rate * 1e6 * flops_per_pixel / 1e9 / peak for name, rate in network.items()}
     end_to_end = None if args.quick else end_to_end_seconds(1000, 3)  # a small image times start-up, not the job
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
@@ -500,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                     f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
         + f", torch {torch.__version__}",
+        "network": str(shape),
         "train_patches_per_s_ours": round(our_rate, 1),
         "train_patches_per_s_textbook": round(textbook_rate, 1),
         "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
@@ -526,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
 def print_results(results: dict, as_json: bool) -> None:
     r = results
     print(f"machine                          {r['machine']}")
+    print(f"network                          SRCNN {r['network']}")
     print(f"training, patches/s (33x33, b128) ours {r['train_patches_per_s_ours']:.0f}  "
           f"textbook {r['train_patches_per_s_textbook']:.0f}  ratio {r['speedup_vs_textbook']:.2f}x")
     for step, ms in r["step_ms"].items():
