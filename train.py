@@ -406,8 +406,8 @@ def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
               "a larger set is streamed a part at a time")
     flag("--workers", type=int, default=2, help="processes that read the next part of a streamed set while one trains")
     flag("--pass-patches", type=int, default=None, metavar="N",
-         help="on a CPU, the most patches a forward/backward pass takes (the batch in passes of equal size; "
-              "default: chosen for this CPU and recorded)")
+         help="on a CPU, the most patches a forward/backward pass takes, the batch in passes of equal size "
+              "(default: chosen for this CPU, and recorded)")
     flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
          help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
     flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
