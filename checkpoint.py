@@ -214,7 +214,7 @@ def training_checkpoint(args: dict, progress: Progress, model: nn.Module, ema: n
     return {
         "model": (ema if ema is not None else model).state_dict(),
         "training_weights": model.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": plain_adam_state(optimizer.state_dict()),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "args": dict(args),
         "epoch": progress.epoch,
@@ -226,6 +226,14 @@ def training_checkpoint(args: dict, progress: Progress, model: nn.Module, ema: n
         "position": progress.position,
         "commands": list(progress.commands),
     }
+
+
+def plain_adam_state(state: dict) -> dict:
+    """An Adam's state_dict as a plain Adam's: a learning rate held as a tensor (train.CapturedStep's
+    capturable Adam) saved as the number it holds, and capturable off, so that every run, on any
+    device, loads it as it is."""
+    groups = [{**group, "lr": float(group["lr"]), "capturable": False} for group in state["param_groups"]]
+    return {**state, "param_groups": groups}
 
 
 def restore_training(checkpoint: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,

@@ -121,6 +121,32 @@ def make_batch(inputs: torch.Tensor, targets: torch.Tensor, transform: int,
     return pair[0], pair[1]
 
 
+def transform_table(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """8 x size² pixel orders: row t, gathered from a size x size patch's pixels, gives make_batch's
+    flip/rotation t of it, value for value. A gather of a row picked on the device keeps the batch's
+    operations the same for all eight, as a CUDA graph needs."""
+    grid = torch.arange(size * size, device=device).view(size, size)
+    return torch.stack([(grid.flip(-1) if t & 4 else grid).rot90(t & 3, (-2, -1)).flatten() for t in range(8)])
+
+
+def graph_batch(source: torch.Tensor, table: torch.Tensor, transform: torch.Tensor, luma: bool) -> torch.Tensor:
+    """make_batch's float batch of the uint8 patches `source`, value for value, its flip/rotation
+    given as a tensor on the device (`transform`, a row of transform_table's `table`)."""
+    x = source.float()
+    x = rgb_to_y(x).unsqueeze(-3).div_(255) if luma else x.div_(255)
+    order = table.index_select(0, transform.view(1)).view(-1)
+    return x.flatten(-2).index_select(-1, order).view(x.shape).contiguous(memory_format=torch.channels_last)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; one held as a tensor on the GPU (CapturedStep) is filled in place."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def learning_rate(args: dict, progress: float) -> float:
     """The learning rate at `progress` (epochs done, fractional) of `num_epoch`. A linear warm-up over
     the first `warmup` epochs lets Adam's moments settle (without it, lr 1e-3 spikes around epoch 3)."""
@@ -158,8 +184,93 @@ def mixed_precision(args: dict, device: torch.device) -> tuple[torch.autocast, t
         print("note: --amp applies to CUDA only; training on the CPU in float32", file=sys.stderr)
     on = amp != "off" and device.type == "cuda"
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return (torch.autocast(device.type, dtype=dtype, enabled=on),
+    # no autocast cache: each weight is cast once a pass anyway, and a CUDA graph cannot capture the cache
+    return (torch.autocast(device.type, dtype=dtype, enabled=on, cache_enabled=False),
             torch.amp.GradScaler(device.type, enabled=on and dtype == torch.float16))
+
+
+class CapturedStep:
+    """train.py's step on one CUDA device as a CUDA graph, captured once and replayed for every batch
+    of the full batch size: a batch's uint8 patches are copied into the graph's input buffers, and the
+    replay does the rest on the GPU with no Python and no wait for the host: the conversion to float,
+    the flip/rotation (a gather by transform_table, the same operations for all eight), train_step's
+    forward, backward and Adam (capturable, its learning rate a tensor on the GPU), and the moving
+    average (its decay computed from Adam's step count on the GPU). The update is train_step's and
+    update_ema's; batches of another size (an epoch's last) take the plain step. The first WARMUP
+    batches run eagerly on a side stream, as CUDA graphs need. Why: at the recipe's batch of 16, the
+    plain step kept an H200 waiting on Python and kernel launches most of the time (docs/gpus.md)."""
+
+    WARMUP = 3
+
+    def __init__(self, model: SRCNN, optimizer: torch.optim.Optimizer, ema: SRCNN | None, args: dict,
+                 autocast: torch.autocast, scaler: torch.amp.GradScaler) -> None:
+        self.model, self.optimizer, self.ema, self.args = model, optimizer, ema, args
+        self.autocast, self.scaler = autocast, scaler
+        device = next(model.parameters()).device
+        self.table = transform_table(args["patch_size"], device)
+        self.transform = torch.zeros((), dtype=torch.long, device=device)
+        self.inputs: torch.Tensor | None = None  # the graph's input buffers, made by the first batch
+        self.targets: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.side, self.warmed = torch.cuda.Stream(device), 0
+
+    @staticmethod
+    def possible(args: dict, device: torch.device, world: int) -> str | None:
+        """Why the step cannot be captured here (None: it can)."""
+        if device.type != "cuda":
+            return "not CUDA"
+        if world > 1:
+            return "several processes: DDP's gradient averaging is left uncaptured"
+        if args["amp"] == "fp16":
+            return "--amp fp16: the loss scaler reads its overflow check on the host every step"
+        return None
+
+    def body(self) -> torch.Tensor:
+        """One step on the input buffers: what the graph holds."""
+        luma = self.model.shape.channels == 1
+        x, y = (graph_batch(source, self.table, self.transform, luma) for source in (self.inputs, self.targets))
+        loss = train_step(self.model, self.optimizer, x, y, self.autocast, self.scaler, self.args["loss_border"])
+        if self.ema is not None:
+            step = self.optimizer.state[next(self.model.parameters())]["step"]
+            weight = 1 - torch.clamp((1 + step) / (10 + step), max=self.args["ema_decay"])  # update_ema's decay
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), weight)
+        return loss
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, transform: int) -> torch.Tensor:
+        """The step on these patches under flip/rotation `transform`; its loss (mean over the batch) on
+        the device. The learning rate is the optimizer's tensor, set before (set_learning_rate)."""
+        if self.inputs is None:
+            self.inputs, self.targets = torch.empty_like(inputs), torch.empty_like(targets)
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        self.transform.fill_(transform)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if self.warmed < self.WARMUP:  # eager steps on a side stream, so that the capture finds all set up
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                loss = self.body()
+            torch.cuda.current_stream().wait_stream(self.side)
+            self.warmed += 1
+            return loss
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run: the replay below runs it
+            self.loss = self.body()
+        self.graph.replay()
+        return self.loss
+
+
+def capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Make a (loaded) Adam capturable in place: its learning rate a tensor on the weights' device, and
+    its step counts there too. checkpoint.training_checkpoint saves it as a plain Adam again."""
+    device = optimizer.param_groups[0]["params"][0].device
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    for state in optimizer.state.values():
+        state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- a run
@@ -192,6 +303,13 @@ class Trainer:
         if command:
             self.progress.commands.append({"epoch": self.progress.epoch, "command": command})
         self.ddp_model = processes.wrap(self.model)
+        self.captured = None
+        if processes.device.type == "cuda":
+            why_not = CapturedStep.possible(args, processes.device, processes.world)
+            if why_not is None:
+                capturable(self.optimizer)
+                self.captured = CapturedStep(self.model, self.optimizer, self.ema, args, self.autocast, self.scaler)
+            processes.say("CUDA step: " + (f"plain ({why_not})" if why_not else "captured as a CUDA graph, replayed"))
         self.pass_patches = None  # the GPU's way: the whole batch at once
         if processes.device.type == "cpu":  # passes that fit the CPU's caches
             why = "as given or recorded"
@@ -224,9 +342,11 @@ class Trainer:
     def run_batch(self, index: torch.Tensor, transform: int, progress: float) -> torch.Tensor:
         """One step on the patches at `index` under flip/rotation `transform`, at the learning rate
         of `progress` (epochs done); its loss summed over the batch, on the device."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.args, progress)
-        inputs, targets = make_batch(*self.patches.take(index), transform, self.model.shape.channels == 1)
+        set_learning_rate(self.optimizer, learning_rate(self.args, progress))
+        inputs, targets = self.patches.take(index)
+        if self.captured is not None and len(index) == self.args["batch_size"]:
+            return self.captured(inputs, targets, transform) * len(index)
+        inputs, targets = make_batch(inputs, targets, transform, self.model.shape.channels == 1)
         loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
                           self.args["loss_border"], self.pass_patches)
         if self.ema is not None:
@@ -271,7 +391,7 @@ class Trainer:
                         return None, signum
         progress.position = None
         record = {"loss": total / len(self.patches), "seconds": seconds, "patches_per_s": len(self.patches) / seconds,
-                  "lr": self.optimizer.param_groups[0]["lr"]}
+                  "lr": float(self.optimizer.param_groups[0]["lr"])}
         return record, signum
 
     def check(self, loss_sum: torch.Tensor, stop: StopRequest, done: int) -> tuple[float, int | None]:

@@ -17,7 +17,7 @@ from conftest import ROOT, assert_clean_error, run
 from data import downscale, image_to_tensor, modcrop, upscale
 from metrics import psnr
 from model import SRCNN
-from train import cpu_pass, learning_rate, mixed_precision, train_step
+from train import cpu_pass, graph_batch, learning_rate, make_batch, mixed_precision, train_step, transform_table
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -259,3 +259,34 @@ def test_the_cpu_pass_is_chosen_from_what_the_cpu_is(monkeypatch):
         monkeypatch.setattr(train, "l2_cache_bytes", lambda l2=l2: l2)
         assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == passes
         assert f"{l2 >> 10} KiB of L2" in cpu_pass(48, 16)[1]
+
+
+@pytest.mark.parametrize("luma", [False, True])
+def test_the_captured_steps_batch_is_make_batchs_for_every_transform(luma):
+    """CUDA graphs replay the same operations every time: the flip/rotation is a gather whose order
+    is picked on the device, and gives make_batch's batch value for value."""
+    patches = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    table = transform_table(12)
+    for transform in range(8):
+        expected = make_batch(patches, patches, transform, luma)[0]
+        got = graph_batch(patches, table, torch.tensor(transform), luma)
+        assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_capturable_adams_state_is_saved_as_a_plain_adams():
+    from checkpoint import plain_adam_state
+
+    model = SRCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(1, 3, 12, 12)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0].update(lr=torch.tensor(2e-4), capturable=True)  # as train.capturable leaves it
+    plain = plain_adam_state(state)
+    assert plain["param_groups"][0]["lr"] == pytest.approx(2e-4) and not plain["param_groups"][0]["capturable"]
+    other = SRCNN()
+    again = torch.optim.Adam(other.parameters(), lr=1e-3)
+    again.load_state_dict(plain)
+    other(torch.rand(1, 3, 12, 12)).sum().backward()
+    again.step()  # a plain Adam on the CPU takes it
+    assert isinstance(again.param_groups[0]["lr"], float)

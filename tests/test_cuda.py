@@ -131,3 +131,79 @@ def test_tf32_is_what_moves_the_gpus_pixels_and_ieee_float32_makes_them_the_cpus
     print(shares)  # pytest -s shows the measurement
     assert all(shares["ieee", engine] < 0.001 for engine in cpu), shares
     assert all(shares["tf32", engine] > 10 * shares["ieee", engine] for engine in cpu), shares
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_captured_steps_give_the_plain_steps_weights(amp):
+    """N steps replayed from a CUDA graph against N plain steps from the same state: the same loss,
+    Adam, learning rates, flips/rotations and moving average, within float32 tolerance."""
+    from model import SRCNN
+    from train import (
+        CapturedStep,
+        capturable,
+        make_batch,
+        mixed_precision,
+        optimizer_steps,
+        set_learning_rate,
+        train_step,
+        update_ema,
+    )
+
+    args = {"patch_size": 48, "loss_border": 0, "ema_decay": 0.999, "amp": amp}
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 16, 3, 48, 48), generator=generator, dtype=torch.uint8).cuda()
+               for _ in range(10)]
+    results = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = SRCNN().cuda().to(memory_format=torch.channels_last)
+        ema = SRCNN().cuda().to(memory_format=torch.channels_last)
+        ema.load_state_dict(model.state_dict())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        autocast, scaler = mixed_precision(args, torch.device("cuda"))
+        step = None
+        if captured:
+            capturable(optimizer)
+            step = CapturedStep(model, optimizer, ema, args, autocast, scaler)
+        losses = []
+        for i, (inputs, targets) in enumerate(batches):
+            set_learning_rate(optimizer, 1e-3 * (1 - i / 20))
+            if captured:
+                losses.append(step(inputs, targets, i % 8).clone())
+            else:
+                x, y = make_batch(inputs, targets, i % 8)
+                losses.append(train_step(model, optimizer, x, y, autocast, scaler))
+                update_ema(ema, model, args["ema_decay"], optimizer_steps(optimizer))
+        results.append((torch.stack(losses), model.state_dict(), ema.state_dict()))
+    assert step.graph is not None  # captured after the warm-up, and replayed
+    (plain_losses, plain, plain_ema), (graph_losses, graph, graph_ema) = results
+    assert torch.allclose(plain_losses, graph_losses, rtol=1e-3)
+    for key in plain:
+        assert torch.allclose(plain[key], graph[key], rtol=1e-3, atol=1e-5), key
+        assert torch.allclose(plain_ema[key], graph_ema[key], rtol=1e-3, atol=1e-5), key
+
+
+def test_a_captured_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(mini_root, tmp_path):
+    import signal
+
+    from test_faults import wait_for_line
+
+    flags = ("--batch-size", "2", "--stride", "2", "--lr", "1e-3", "--augment", "--fresh-crops", "--ema-decay",
+             "0.999", "--num-epoch", "4", "--cuda", "--data-root", str(mini_root))  # 400 steps an epoch
+    whole = train("train", *flags, "--checkpoint-dir", str(tmp_path / "whole"))
+    assert "captured as a CUDA graph" in whole.stderr
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "train", *flags, "--checkpoint-dir",
+                             str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    wait_for_line(proc, "epoch    1")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert torch.load(tmp_path / "cut" / "interrupted.pth", weights_only=True)["position"] is not None
+    train("resume", str(tmp_path / "cut" / "interrupted.pth"), "--cuda")
+    expected = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
+    got = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    for part in ("model", "training_weights"):
+        for key, value in expected[part].items():
+            assert torch.allclose(got[part][key], value, rtol=1e-3, atol=1e-5), (part, key)
+    assert isinstance(got["optimizer"]["param_groups"][0]["lr"], float)  # saved as a plain Adam's
