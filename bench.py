@@ -11,6 +11,7 @@ alternating in one run, so the ratio holds whatever else the machine does.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,7 +38,17 @@ from download import default_data_root
 from inference import enhance, super_resolve_image
 from model import ASSIGNMENT, SRCNN, Shape, conv_by_phase
 from onnx_engine import engine_for, export_onnx, onnx_model
-from train import cpu_pass, filter_sizes, make_batch, mixed_precision, train_step
+from train import (
+    CapturedStep,
+    capturable,
+    cpu_pass,
+    filter_sizes,
+    make_batch,
+    mixed_precision,
+    optimizer_steps,
+    train_step,
+    update_ema,
+)
 from utils import HelpFormatter, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
@@ -267,7 +278,7 @@ def reliability_warnings(ours: list[float], textbook: list[float], others_share:
     return warnings
 
 
-STEPS = ((16, 48), (128, 33))  # (batch, patch size): the x3 recipe's step, and the assignment's batch
+STEPS = ((16, 48, 0.9998), (128, 33, 0.0))  # (batch, patch size, EMA decay): the x3 recipe's step, the assignment's
 
 
 def step_model(device: torch.device, shape: Shape) -> SRCNN:
@@ -277,20 +288,36 @@ def step_model(device: torch.device, shape: Shape) -> SRCNN:
     return model
 
 
-def step_milliseconds(batch: int, size: int, device: torch.device, calls: int, shape: Shape) -> float:
-    """train.py's step (train_step, in the passes it chooses on a CPU) on `batch` patches of `size`:
-    the lower quartile of `calls` timed calls, after a warm-up."""
+def step_milliseconds(batch: int, size: int, ema_decay: float, device: torch.device, calls: int,
+                      shape: Shape) -> float:
+    """train.py's step on `batch` patches of `size`, with the moving average if `ema_decay`, as the
+    Trainer takes it: on a CPU train_step in the passes it chooses, on CUDA the captured step
+    (CapturedStep). The lower quartile of `calls` timed calls, after a warm-up."""
     model = step_model(device, shape)
+    ema = copy.deepcopy(model) if ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    autocast, scaler = mixed_precision({"amp": "off"}, device)
+    args = {"patch_size": size, "loss_border": 0, "ema_decay": ema_decay, "amp": "off"}
+    autocast, scaler = mixed_precision(args, device)
     patches = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    x, y = make_batch(patches, patches, 0, shape.channels == 1)
-    pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else None
+    if CapturedStep.possible(args, device, 1) is None:
+        capturable(optimizer)
+        captured = CapturedStep(model, optimizer, ema, args, autocast, scaler)
+
+        def step() -> None:
+            captured(patches, patches, 0)
+    else:
+        x, y = make_batch(patches, patches, 0, shape.channels == 1)
+        pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else None
+
+        def step() -> None:
+            train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
+            if ema is not None:
+                update_ema(ema, model, ema_decay, optimizer_steps(optimizer))
     times = []
     for _ in range(calls + 5):
         synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
+        step()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times[5:])[calls // 4]
@@ -488,13 +515,13 @@ def main(argv: list[str] | None = None) -> None:
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)), shape)
     calls = 20 if args.quick else 40
-    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, device, calls, shape), 2)
-             for batch, size in STEPS}
+    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, ema, device, calls, shape), 3)
+             for batch, size, ema in STEPS}
     shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
                                           layer_shares(batch, size, device, calls, shape).items()}
-              for batch, size in STEPS}
-    passes = {f"{batch}x{size}x{size}": cpu_pass(size, batch) if device.type == "cpu" else (batch, "CUDA: whole batch")
-              for batch, size in STEPS}
+              for batch, size, _ in STEPS}
+    passes = {f"{batch}x{size}x{size}": cpu_pass(size, batch) if device.type == "cpu" else
+              (batch, "CUDA: the whole batch, captured as a CUDA graph") for batch, size, _ in STEPS}
     peak = matmul_gflops(3 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
     achieved = our_rate * training_flops_per_patch(shape) / 1e9
@@ -521,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         "train_patches_per_s_textbook": round(textbook_rate, 1),
         "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
         "step_ms": steps,
+        "step_fraction_of_matmul": {step: round(int(step.split("x")[0]) * training_flops_per_patch(
+            shape, int(step.split("x")[1])) / (ms / 1000) / 1e9 / peak, 3) for step, ms in steps.items()},
         "step_passes": passes,
         "layer_shares": shares,
         "textbook_step_ms_128x33x33": round(1000 * BATCH / textbook_rate, 2),
@@ -549,9 +578,9 @@ def print_results(results: dict, as_json: bool) -> None:
     for step, ms in r["step_ms"].items():
         patches, why = r["step_passes"][step]
         batch = int(step.split("x")[0])
-        print(f"train.py step, {step:10s}       {ms:.1f} ms ({batch * 1000 / ms:.0f} patches/s), passes of at most "
-              f"{patches} ({why})" + (f"; the textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms"
-                                       if step == "128x33x33" else ""))
+        print(f"train.py step, {step:10s}       {ms:.2f} ms ({batch * 1000 / ms:.0f} patches/s, "
+              f"{r['step_fraction_of_matmul'][step]:.0%} of matmul), passes of at most {patches} ({why})"
+              + (f"; the textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms" if step == "128x33x33" else ""))
         print("  layer shares                   " + ", ".join(f"{name} {share:.0%}"
                                                            for name, share in r["layer_shares"][step].items()))
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
