@@ -4,6 +4,7 @@
     python bench.py --quick    # short run
     python bench.py --json     # also print the figures as JSON
     python bench.py --data     # training on T91 against a DIV2K-sized collection (streamed)
+    python bench.py --against /tmp/old   # the x3 recipe's epoch against another tree's train.py
 
 Training throughput of train.py's own step is measured against a textbook loop (a Dataset that
 returns one float32 patch pair per item, a shuffling DataLoader, default memory format), the two
@@ -413,15 +414,17 @@ def tree_pss_bytes(pid: int) -> int:
     return total
 
 
-def training_window(folder: Path, data_root: Path, out: Path, seconds: float | None) -> dict:
-    """Train the x3 recipe on `folder` in a child process, for one whole epoch (`seconds` None) or
-    for `seconds` of training and then SIGTERM (it saves where it stood): peak memory (the process
-    tree's, sampled), patches per second, seconds per epoch (estimated from the rate when stopped
-    early) and seconds from the start of the process to its first step."""
+def training_window(folder: Path, data_root: Path, out: Path, seconds: float | None,
+                    tree: Path = Path(__file__).parent) -> dict:
+    """Train the x3 recipe on `folder` in a child process, with the train.py of `tree` (this one's
+    by default), for one whole epoch (`seconds` None) or for `seconds` of training and then SIGTERM
+    (it saves where it stood): peak memory (the process tree's, sampled), patches per second, seconds
+    per epoch (estimated from the rate when stopped early) and seconds from the start of the process
+    to its first step."""
     command = [sys.executable, "train.py", "train", "@recipes/x3.args", "--train-set", str(folder),
                "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out)]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen: dict = {}
 
     def watch() -> None:  # the count of patches, then the progress bar's first step
@@ -451,7 +454,7 @@ def training_window(folder: Path, data_root: Path, out: Path, seconds: float | N
         rate = position["batch"] * batch / position["seconds"]
         epoch_seconds = seen["patches"] / rate
     return {"peak_memory_mb": round(peak / 1e6), "patches_per_s": round(rate, 1),
-            "seconds_per_epoch": round(epoch_seconds), "seconds_to_first_step": round(seen["first_step"], 1)}
+            "seconds_per_epoch": round(epoch_seconds, 3), "seconds_to_first_step": round(seen["first_step"], 1)}
 
 
 def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float,
@@ -478,11 +481,33 @@ def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: 
             "t91_runs": [runs[0], runs[2]], "rate_vs_t91": round(runs[1]["patches_per_s"] / t91["patches_per_s"], 3)}
 
 
+def against_benchmark(data_root: Path, tree: Path, rounds: int) -> dict:
+    """The x3 recipe's first epoch on T91 with this tree's train.py and with `tree`'s (e.g. a
+    worktree of an older commit), alternated `rounds` times so that both see the same machine:
+    the whole training step as users run it (batches, passes, Adam, the moving average)."""
+    runs: dict[str, list[dict]] = {"this": [], "other": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for name, where in (("other", tree), ("this", Path(__file__).parent)):
+                runs[name].append(training_window(data_root / "T91", data_root, Path(tmp) / f"{name}{i}", None, where))
+    medians = {name: statistics.median(run["seconds_per_epoch"] for run in rs) for name, rs in runs.items()}
+    return {"tree": str(tree), "seconds_per_epoch": medians, "runs": runs,
+            "speedup": round(medians["other"] / medians["this"], 3)}
+
+
+def print_against_results(r: dict) -> None:
+    for name, label in (("other", r["tree"]), ("this", "this tree")):
+        seconds = [run["seconds_per_epoch"] for run in r["runs"][name]]
+        print(f"x3 recipe, an epoch of T91 with {label}: median {r['seconds_per_epoch'][name]:.1f} s "
+              f"({', '.join(f'{s:.1f}' for s in seconds)}; {r['runs'][name][-1]['patches_per_s']:.0f} patches/s)")
+    print(f"this tree against {r['tree']}: {r['speedup']:.2f}x as fast")
+
+
 def print_data_results(r: dict) -> None:
     print(f"collection                       {r['collection']}")
     for name, run in (("T91 (held, median of 2)", r["t91"]), ("collection (streamed)", r["collection_run"])):
         print(f"{name:32s} peak memory {run['peak_memory_mb']:,} MB, {run['patches_per_s']:.0f} patches/s, "
-              f"{run['seconds_per_epoch']:,} s an epoch, first step after {run['seconds_to_first_step']:.1f} s")
+              f"{run['seconds_per_epoch']:,.0f} s an epoch, first step after {run['seconds_to_first_step']:.1f} s")
     print(f"collection's rate against T91's  {r['rate_vs_t91']:.0%}")
 
 
@@ -494,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", action="store_true", help="instead: train the x3 recipe on T91 and on a DIV2K-"
                         "sized collection made from the downloaded sets in a temporary folder (--quick: 40 images, "
                         "30 s) and compare memory and speed (about 10 minutes)")
+    parser.add_argument("--against", type=Path, metavar="TREE", help="instead: the x3 recipe's first epoch on T91 "
+                        "with this tree's train.py and with TREE's (e.g. `git worktree add /tmp/old <commit>`), "
+                        "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes)")
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
                         "keep it, or take the one made there before (default: a temporary folder, removed after)")
@@ -508,6 +536,12 @@ def main(argv: list[str] | None = None) -> None:
         count, seconds = (40, 30) if args.quick else (DIV2K_COUNT, 240)
         results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, args.collection)
         print_data_results(results)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        return
+    if args.against:
+        results = against_benchmark(Path(args.data_root), args.against.resolve(), 1 if args.quick else 3)
+        print_against_results(results)
         if args.json:
             print(json.dumps(results, indent=2))
         return

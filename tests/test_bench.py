@@ -1,13 +1,21 @@
-"""bench.py says when its figures cannot be trusted; its --data collection and training windows."""
+"""bench.py says when its figures cannot be trusted; its --data collection, training windows and --against."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bench import busy_cpu_seconds, make_collection, own_cpu_seconds, reliability_warnings, training_window
+from bench import (
+    against_benchmark,
+    busy_cpu_seconds,
+    make_collection,
+    own_cpu_seconds,
+    reliability_warnings,
+    training_window,
+)
 
 
 def test_repeats_that_disagree_or_a_busy_machine_are_reported():
@@ -49,4 +57,21 @@ def test_a_training_window_reports_memory_rate_and_first_step(mini_root, tmp_pat
     assert result["peak_memory_mb"] > 100  # torch alone takes more: the process tree was sampled
     assert result["patches_per_s"] > 0 and 0 < result["seconds_to_first_step"] < 120
     history = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["history"]
-    assert result["seconds_per_epoch"] == round(history[0]["seconds"])
+    assert result["seconds_per_epoch"] == round(history[0]["seconds"], 3)
+
+
+@pytest.mark.slow
+def test_against_another_tree_runs_both_trees_alternately_and_compares_their_epochs(mini_root, tmp_path):
+    other = tmp_path / "other"  # a tree whose train.py says it ran: the other side really is run there
+    other.mkdir()
+    for entry in Path(__file__).parents[1].iterdir():
+        if entry.name != "train.py" and not entry.name.startswith((".", "__")):
+            (other / entry.name).symlink_to(entry)
+    source = (Path(__file__).parents[1] / "train.py").read_text()
+    (other / "train.py").write_text(source.replace('if __name__ == "__main__":',
+                                                   'if __name__ == "__main__":\n    Path("ran").touch()'))
+    result = against_benchmark(mini_root, other, rounds=1)
+    assert (other / "ran").exists()
+    assert [len(result["runs"][side]) for side in ("this", "other")] == [1, 1]
+    this, theirs = (result["runs"][side][0]["seconds_per_epoch"] for side in ("this", "other"))
+    assert this > 0 and theirs > 0 and result["speedup"] == round(theirs / this, 3)
