@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
                         "30 s) and compare memory and speed (about 10 minutes)")
     parser.add_argument("--against", type=Path, metavar="TREE", help="instead: the x3 recipe's first epoch on T91 "
                         "with this tree's train.py and with TREE's (e.g. `git worktree add /tmp/old <commit>`), "
-                        "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes)")
+                        "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes) (default: none)")
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
                         "keep it, or take the one made there before (default: a temporary folder, removed after)")
