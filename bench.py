@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results, indent=2))
         return
     if args.against:
-        results = against_benchmark(Path(args.data_root), args.against.resolve(), 1 if args.quick else 3)
+        results = against_benchmark(Path(args.data_root).resolve(),  # the other tree's train.py runs in that tree
+                                    args.against.resolve(), 1 if args.quick else 3)
         print_against_results(results)
         if args.json:
             print(json.dumps(results, indent=2))
