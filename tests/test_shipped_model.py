@@ -21,9 +21,9 @@ GOALS = {("915", 2): (36.34, 32.18), ("915", 3): (32.50, 29.10), ("915", 4): (30
          ("955", 3): (32.60, 29.18)}
 
 
-def recipe_of(network: str, scale: int) -> str:
-    """The file of arguments that trains a shipped model: recipes/x3.args, recipes/955_x3.args."""
-    return f"@recipes/{'' if network == '915' else network + '_'}x{scale}.args"
+# the file of arguments whose one command trained each shipped model
+RECIPES = {("915", 2): "@recipes/x2.args", ("915", 3): "@recipes/x3.args", ("915", 4): "@recipes/x4.args",
+           ("955", 3): "@recipes/955_x3.args"}
 
 
 WHERE_IT_RAN = ("cuda", "data_root", "checkpoint_dir", "pass_patches")  # where it ran, not what it trained
@@ -40,7 +40,7 @@ def test_shipped_checkpoint_is_what_its_recipe_file_trains(shipped, monkeypatch)
     monkeypatch.chdir(ROOT)
     network, scale = shipped
     checkpoint = load_checkpoint(SHIPPED[shipped])
-    recipe = training_args(["train", recipe_of(network, scale)])
+    recipe = training_args(["train", RECIPES[shipped]])
     assert recipe["scale"] == scale and checkpoint["scale"] == scale
     assert recipe["network"].replace("-", "") == network
     defaults = training_args(["train"])  # options newer than a checkpoint mean their defaults, as for resume
