@@ -61,6 +61,19 @@ def test_a_training_window_reports_memory_rate_and_first_step(mini_root, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_window_stopped_early_takes_its_rate_from_the_first_step_on(mini_root, tmp_path):
+    folder = tmp_path / "large"
+    folder.mkdir()
+    make_collection(folder, sorted((mini_root / "T91").iterdir()), 6, (640, 480))  # some 12k patches
+    result = training_window(folder, mini_root, tmp_path / "run", 3)
+    position = torch.load(tmp_path / "run" / "interrupted.pth", weights_only=True)["position"]
+    assert 0 < position["batch"] < position["batches"]  # stopped within the epoch, where it stood saved
+    estimate = result["seconds_to_first_step"] + position["batches"] * 16 / result["patches_per_s"]  # batch 16
+    assert abs(result["seconds_per_epoch"] - estimate) < 0.06 + 0.001 * estimate  # as rounded
+    assert result["seconds_per_epoch"] > result["seconds_to_first_step"] + 3
+
+
+@pytest.mark.slow
 def test_against_another_tree_runs_both_trees_alternately_and_compares_their_epochs(mini_root, tmp_path):
     other = tmp_path / "other"  # a tree whose train.py says it ran: the other side really is run there
     other.mkdir()
