@@ -23,20 +23,23 @@ dependencies = ["torch", "numpy", "PIL", "tqdm"]
 
 
 def srcnn(scale: int = 3, pretrained: bool = True, network: str = "915") -> _model.SRCNN:
-    """An SRCNN in eval mode, on the CPU: the assignment's 9-1-5 (20,099 parameters), or the paper's
-    9-5-5 (69,251). Input: the bicubic-upscaled RGB image in [0, 1], N x 3 x H x W; output: the
-    super-resolved image, same size.
+    """An SRCNN in eval mode, on the CPU: the assignment's 9-1-5 on RGB (20,099 parameters), or the
+    paper's 9-5-5 as shipped (`model.shape` says which channels). Input: the bicubic-upscaled image in
+    [0, 1], RGB as N x 3 x H x W, or for a Y model (`model.shape.channels == 1`) its Y channel
+    as N x 1 x H x W (BT.601, `data.rgb_to_y(rgb * 255) / 255`); output: the super-resolved image in
+    the same form and size. The "upscaler" entry does all of this for a PIL image.
 
     scale: the factor of the shipped model to load: 2, 3 or 4 for 915 (x3 is the assignment's), 3 for 955.
     pretrained: load the shipped weights (read with torch.load(weights_only=True)); False gives
-    the network with PyTorch's default initialisation, for any scale.
+    the shipped model's network with PyTorch's default initialisation, for any scale.
     network: "915" or "955", its filter sizes, as super_resolve.py's --model names them (torch.hub.load
     takes `model` for the entry's name).
     """
     if network not in _checkpoint.SHIPPED_NETWORKS:
         raise ValueError(f"network must be one of {', '.join(_checkpoint.SHIPPED_NETWORKS)}, not {network!r}")
     if not pretrained:
-        return _model.SRCNN(_model.Shape(tuple(int(k) for k in network))).eval()
+        shipped = next(path for (n, _), path in _checkpoint.SHIPPED.items() if n == network)
+        return _model.SRCNN(_checkpoint.shape_of(_checkpoint.load(shipped), shipped)).eval()
     if (network, scale) not in _checkpoint.SHIPPED:
         shipped = ", ".join(str(s) for n, s in _checkpoint.SHIPPED if n == network)
         raise ValueError(f"no {network} SRCNN model is shipped for x{scale}; choose scale {shipped}")
