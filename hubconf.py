@@ -3,7 +3,7 @@
     import torch
     model = torch.hub.load("OWNER/srcnn", "srcnn", scale=3)          # the nn.Module, eval mode
     upscale = torch.hub.load("OWNER/srcnn", "upscaler", scale=2)     # PIL image -> PIL image
-    best = torch.hub.load("OWNER/srcnn", "upscaler", network="955")  # the paper's 9-5-5, x3
+    best = torch.hub.load("OWNER/srcnn", "upscaler", network="955")  # the paper's 9-5-5 on Y, x3
     # on a clone: torch.hub.load("path/to/srcnn", "srcnn", source="local")
 """
 
@@ -55,7 +55,7 @@ def upscaler(scale: int = 3, self_ensemble: bool = False, degradation: str = "pi
     scale: 2, 3 or 4 (955: 3). self_ensemble: average the 8 flips/rotations (8x slower, a little better).
     degradation: the bicubic before the network, "pil" (Pillow's) or "matlab" (MATLAB's imresize).
     engine: "auto" (ONNX Runtime when installed, else PyTorch), "torch" or "onnxruntime".
-    network: "915" (the assignment's) or "955" (the paper's 9-5-5, x3 only).
+    network: "915" (the assignment's) or "955" (the paper's 9-5-5 on Y, x3 only).
     """
     if engine not in _onnx_engine.ENGINES or degradation not in _data.DEGRADATIONS:
         raise ValueError(f"engine must be one of {', '.join(_onnx_engine.ENGINES)} and degradation pil or matlab")
