@@ -44,6 +44,7 @@ from train import (
     capturable,
     cpu_pass,
     filter_sizes,
+    last_layer_by_phase,
     make_batch,
     mixed_precision,
     optimizer_steps,
@@ -285,7 +286,7 @@ STEPS = ((16, 48, 0.9998), (128, 33, 0.0))  # (batch, patch size, EMA decay): th
 def step_model(device: torch.device, shape: Shape) -> SRCNN:
     """The network as train.py's Trainer trains it on `device`."""
     model = SRCNN(shape).to(device, memory_format=torch.channels_last)
-    model.last_layer_by_phase = device.type == "cpu"
+    model.last_layer_by_phase = last_layer_by_phase(device)
     return model
 
 

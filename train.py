@@ -40,7 +40,7 @@ from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from streaming import StreamedPatches
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
-AVX2_PASS_PIXELS = 35_000  # patch pixels per forward/backward pass on a CPU without AVX-512 (see cpu_pass)
+AVX2_PASS_PIXELS = 12_000  # patch pixels per forward/backward pass on a CPU without AVX-512 (see cpu_pass)
 L2_BYTES_PER_PASS_PIXEL = 90  # with AVX-512: as many pixels a pass as a core's L2 holds at this rate
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
 
@@ -90,10 +90,11 @@ def l2_cache_bytes() -> int | None:
 
 
 def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
-    """(patches per forward/backward pass on this CPU, why). Measured with bench.py (docs/speed.md):
-    without AVX-512 passes of about 35k pixels ran the step fastest (a 2-core AMD EPYC); with it,
-    passes of about what a core's L2 holds at 90 bytes a pixel (AMD EPYC, 1 MiB: 4-6 patches of 48x48
-    ran the x3 recipe's step 1.9x as fast as 15; Intel Xeon, 2 MiB: 8). The passes of a batch are of
+    """(patches per forward/backward pass on this CPU, why). Measured (docs/speed.md): without AVX-512
+    passes of about 12k pixels ran the step fastest (a 2-core AMD EPYC, AVX2: 5 patches of 48x48 1.3x
+    as fast as 15 or 16, 2 of 96x96 as fast as 4); with it, passes of about what a core's L2 holds
+    at 90 bytes a pixel (AMD EPYC, 1 MiB: 4-6 patches of 48x48 ran the x3 recipe's step 1.9x as
+    fast as 15; Intel Xeon, 2 MiB: 8). The passes of a batch are of
     equal size: 16 patches as 6 + 5 + 5, not 15 + 1. Deterministic, so that the same command on the
     same machine trains the same weights."""
     capability, l2 = torch.backends.cpu.get_cpu_capability(), l2_cache_bytes()
@@ -103,6 +104,13 @@ def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
         pixels, why = AVX2_PASS_PIXELS, f"{capability}, no AVX-512"
     passes = max(1, round(batch_size * patch_size**2 / pixels))
     return -(-batch_size // passes), f"{why}: passes of about {pixels:,} pixels"
+
+
+def last_layer_by_phase(device: torch.device) -> bool:
+    """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with AVX-512,
+    whose convolutions fill blocks of 16 output channels, it ran the step 3-6% faster (Intel Xeon); with AVX2
+    (blocks of 8) 3-5% slower, and the GPU has no such blocks (docs/speed.md)."""
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def make_batch(inputs: torch.Tensor, targets: torch.Tensor, transform: int,
@@ -288,7 +296,7 @@ class Trainer:
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
         model = SRCNN(checkpoint.shape_of_args(args))
-        model.last_layer_by_phase = processes.device.type == "cpu"  # the same sums, faster there (cpu_pass)
+        model.last_layer_by_phase = last_layer_by_phase(processes.device)  # the same sums and weights
         if args["init"] == "identity":
             init_identity_(model)
         elif init_weights is not None and resumed is None:  # a resumed run has its own weights
@@ -316,7 +324,8 @@ class Trainer:
             if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
                 args["pass_patches"], why = cpu_pass(args["patch_size"], args["batch_size"] // processes.world)
             self.pass_patches = args["pass_patches"]
-            processes.say(f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer by phase")
+            processes.say(f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer "
+                          + ("by phase" if model.last_layer_by_phase else "plain"))
 
     @property
     def eval_model(self) -> SRCNN:

@@ -17,7 +17,16 @@ from conftest import ROOT, assert_clean_error, run
 from data import downscale, image_to_tensor, modcrop, upscale
 from metrics import psnr
 from model import SRCNN
-from train import cpu_pass, graph_batch, learning_rate, make_batch, mixed_precision, train_step, transform_table
+from train import (
+    cpu_pass,
+    graph_batch,
+    last_layer_by_phase,
+    learning_rate,
+    make_batch,
+    mixed_precision,
+    train_step,
+    transform_table,
+)
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -249,16 +258,24 @@ def test_a_step_in_passes_is_the_whole_batch_step():
 
 
 def test_the_cpu_pass_is_chosen_from_what_the_cpu_is(monkeypatch):
-    """Equal passes of about 35k pixels without AVX-512, of a core's L2 at 90 bytes a pixel with it."""
+    """Equal passes of about 12k pixels without AVX-512, of a core's L2 at 90 bytes a pixel with it."""
     import train
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == [16, 32, 4]
+    assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == [6, 11, 2]
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for l2, passes in ((1 << 20, [6, 11, 2]), (2 << 20, [8, 22, 3])):  # AMD EPYC, Intel Xeon
         monkeypatch.setattr(train, "l2_cache_bytes", lambda l2=l2: l2)
         assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == passes
         assert f"{l2 >> 10} KiB of L2" in cpu_pass(48, 16)[1]
+
+
+def test_the_last_layer_runs_by_phase_only_on_a_cpu_with_avx512(monkeypatch):
+    """Where it measured faster: AVX-512's blocks of 16 output channels; not with AVX2, not on a GPU."""
+    for capability, on_cpu in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert last_layer_by_phase(torch.device("cpu")) is on_cpu
+        assert last_layer_by_phase(torch.device("cuda")) is False
 
 
 @pytest.mark.parametrize("luma", [False, True])
