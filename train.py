@@ -91,12 +91,12 @@ def l2_cache_bytes() -> int | None:
 
 def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
     """(patches per forward/backward pass on this CPU, why). Measured (docs/speed.md): without AVX-512
-    passes of about 12k pixels ran the step fastest (a 2-core AMD EPYC, AVX2: 5 patches of 48x48 1.3x
-    as fast as 15 or 16, 2 of 96x96 as fast as 4); with it, passes of about what a core's L2 holds
-    at 90 bytes a pixel (AMD EPYC, 1 MiB: 4-6 patches of 48x48 ran the x3 recipe's step 1.9x as
-    fast as 15; Intel Xeon, 2 MiB: 8). The passes of a batch are of
-    equal size: 16 patches as 6 + 5 + 5, not 15 + 1. Deterministic, so that the same command on the
-    same machine trains the same weights."""
+    passes of about 12k pixels ran the step fastest in a probe (a 2-core AMD EPYC, AVX2: 5 patches
+    of 48x48 1.3x as fast as 15 or 16, 2 of 96x96 as fast as 4; the recipe's whole epoch ran as fast
+    as with 15 + 1); with AVX-512, passes of about what a core's L2 holds at 90 bytes a pixel (AMD
+    EPYC, 1 MiB: 4-6 patches of 48x48 ran the x3 recipe's step 1.9x as fast as 15; Intel Xeon, 2 MiB:
+    8). The passes of a batch are of equal size: 16 patches as 6 + 5 + 5, not 15 + 1. Deterministic,
+    so that the same command on the same machine trains the same weights."""
     capability, l2 = torch.backends.cpu.get_cpu_capability(), l2_cache_bytes()
     if capability == "AVX512" and l2:
         pixels, why = l2 // L2_BYTES_PER_PASS_PIXEL, f"AVX-512, {l2 >> 10} KiB of L2 a core"
@@ -107,9 +107,9 @@ def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
 
 
 def last_layer_by_phase(device: torch.device) -> bool:
-    """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with AVX-512,
-    whose convolutions fill blocks of 16 output channels, it ran the step 3-6% faster (Intel Xeon); with AVX2
-    (blocks of 8) 3-5% slower, and the GPU has no such blocks (docs/speed.md)."""
+    """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with
+    AVX-512, whose convolutions fill blocks of 16 output channels, it ran the step 3-6% faster (Intel
+    Xeon); with AVX2 (blocks of 8) 3-5% slower; the GPU has no such blocks (docs/speed.md)."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
