@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ from train import (
     train_step,
     update_ema,
 )
-from utils import HelpFormatter, choose_device, run_cli
+from utils import HelpFormatter, UserError, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
 CHECKPOINT = Path(__file__).with_name("checkpoint.pth")
@@ -415,59 +416,96 @@ def tree_pss_bytes(pid: int) -> int:
     return total
 
 
-def training_window(folder: Path, data_root: Path, out: Path, seconds: float | None,
-                    tree: Path = Path(__file__).parent) -> dict:
-    """Train the x3 recipe on `folder` in a child process, with the train.py of `tree` (this one's
-    by default), for one whole epoch (`seconds` None) or for `seconds` of training and then SIGTERM
-    (it saves where it stood): peak memory (the process tree's, sampled), patches per second, seconds
-    per epoch and seconds from the start of the process to its first step. Stopped early, the rate
-    is the progress bar's from its first step to its last (the reading of later parts included, the
-    first part's not: that is the wait for the first step), and an epoch is that wait and every
-    patch at that rate."""
-    command = [sys.executable, "train.py", "train", "@recipes/x3.args", "--train-set", str(folder),
-               "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen: dict = {}
+class TrainingRun:
+    """The x3 recipe trained on `folder` for one epoch by a child process, with the train.py of `tree`
+    (this one's by default): the steps its progress bar showed and when, and its peak memory (the
+    process tree's, sampled while it runs). The child leads its own process group, so that a pause
+    stops its reading workers too: paused, a run takes nothing from the machine but memory."""
 
-    def watch() -> None:  # the progress bar's steps, and when it showed them
-        text = ""
-        while chunk := proc.stderr.read1(4096):
-            now = time.perf_counter() - start
-            text = (text + chunk.decode(errors="replace"))[-4096:]
-            if steps := [int(n) for n in re.findall(r"\|\s*(\d+)/\d+ \[", text) if int(n)]:
-                seen.setdefault("first_shown", (now, steps[-1]))
-                seen["last_shown"] = (now, steps[-1])
+    def __init__(self, folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent) -> None:
+        command = [sys.executable, "train.py", "train", "@recipes/x3.args", "--train-set", str(folder),
+                   "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out)]
+        self.out, self.start, self.peak = out, time.perf_counter(), 0
+        self.first_shown: tuple[float, int] | None = None  # (seconds from the start, steps)
+        self.last_shown, self.text = (0.0, 0), ""
+        self.proc = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_pss_bytes(proc.pid))
-        began = seen["first_shown"][0] if "first_shown" in seen else None  # the first step's time, once shown
-        if seconds is not None and began is not None and time.perf_counter() - start > began + seconds:
-            proc.send_signal(signal.SIGTERM)
-            seconds = None
-        time.sleep(0.25)
-    watcher.join()
-    saved = torch.load(out / (INTERRUPTED if (out / INTERRUPTED).exists() else LAST), weights_only=True)
-    if saved["position"] is None:  # a whole epoch
-        rate, epoch_seconds = saved["history"][-1]["patches_per_s"], saved["history"][-1]["seconds"]
-    else:
-        (first, first_steps), (last, last_steps) = seen["first_shown"], seen["last_shown"]
-        steps_per_s = (last_steps - first_steps) / (last - first)
-        rate = steps_per_s * saved["args"]["batch_size"]
-        epoch_seconds = first + saved["position"]["batches"] / steps_per_s
-    return {"peak_memory_mb": round(peak / 1e6), "patches_per_s": round(rate, 1),
-            "seconds_per_epoch": round(epoch_seconds, 3), "seconds_to_first_step": round(seen["first_shown"][0], 1)}
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # left paused or running by an error: it and its workers go
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def watch(self) -> None:  # the progress bar's steps, and when it showed them
+        while chunk := self.proc.stderr.read1(4096):
+            now = self.seconds()
+            self.text = (self.text + chunk.decode(errors="replace"))[-4096:]
+            if steps := [int(n) for n in re.findall(r"\|\s*(\d+)/\d+ \[", self.text) if int(n)]:
+                self.first_shown = self.first_shown or (now, steps[-1])
+                self.last_shown = (now, steps[-1])
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Let it run, sampling its memory, until `done()`; an end before that is an error."""
+        while not done():
+            if self.proc.poll() is not None:
+                self.watcher.join()
+                raise UserError(f"training on {self.out.name} ended early (exit status {self.proc.returncode}): "
+                                + (self.text.strip().splitlines() or ["no output"])[-1])
+            self.peak = max(self.peak, tree_pss_bytes(self.proc.pid))
+            time.sleep(0.25)
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # what the bar showed before the pause reaches the watcher
+
+    def run_for(self, seconds: float) -> tuple[float, int]:
+        """Continue it (paused) for `seconds`, then pause it again: (the seconds it ran, the steps it
+        took meanwhile)."""
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        began, steps = self.seconds(), self.last_shown[1]
+        self.run_until(lambda: self.seconds() > began + seconds)
+        ran = self.seconds() - began
+        self.pause()
+        return ran, self.last_shown[1] - steps
+
+    def finish(self, stop: bool) -> dict:
+        """Let it end its epoch, or (`stop`) have SIGTERM save where it stood: the checkpoint saved."""
+        if stop:
+            self.proc.send_signal(signal.SIGTERM)  # pending while paused, taken as it continues
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        ended_as_asked = 128 + signal.SIGTERM if stop else 0  # train.py's exit status, saved either way
+        self.run_until(lambda: self.proc.poll() == ended_as_asked)
+        self.watcher.join()
+        return torch.load(self.out / (INTERRUPTED if stop else LAST), weights_only=True)
 
 
-def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float,
+def training_epoch(folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent) -> dict:
+    """One whole epoch of the x3 recipe on `folder` (a TrainingRun): peak memory, patches per second
+    and seconds of the epoch (as the run recorded them), seconds from the start to its first step."""
+    with TrainingRun(folder, data_root, out, tree) as run:
+        record = run.finish(stop=False)["history"][-1]
+    return {"peak_memory_mb": round(run.peak / 1e6), "patches_per_s": round(record["patches_per_s"], 1),
+            "seconds_per_epoch": round(record["seconds"], 3), "seconds_to_first_step": round(run.first_shown[0], 1)}
+
+
+def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: float, rounds: int,
                    collection: Path | None) -> dict:
     """T91 (held in memory) against a collection of `count` images of `size` (streamed: DIV2K is
-    6.6 GB of pixels, the default --data-memory 2 GB), each trained with the x3 recipe's settings:
-    T91 an epoch, the collection `seconds`, alternated T91, collection, T91. The collection is made
-    in `collection` (kept, and taken as it is when it holds `count` images) or in a temporary folder."""
+    6.6 GB of pixels, the default --data-memory 2 GB), each trained with the x3 recipe's settings,
+    alternated so that both see the same machine, which may drift by a fifth within minutes: the
+    collection's run starts and waits paused, then a T91 epoch and `seconds / rounds` of the
+    collection take turns, `rounds` times, and a last T91 epoch closes. The collection's rate is its
+    steps over the seconds it ran (its next part's read included, as every part of an epoch has one),
+    T91's the mean of its epochs'. The collection is made in `collection` (kept, and taken as it is
+    when it holds `count` images) or in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = collection or Path(tmp) / "collection"
         folder.mkdir(parents=True, exist_ok=True)
@@ -476,14 +514,27 @@ def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: 
             sources = [path for name in COLLECTION_SOURCES for path in list_images(data_root / name)]
             make_collection(folder, sources, count, size)
         made = time.perf_counter() - made
-        runs = [training_window(data_root / "T91", data_root, Path(tmp) / "t91a", None),
-                training_window(folder, data_root, Path(tmp) / "large", seconds),
-                training_window(data_root / "T91", data_root, Path(tmp) / "t91b", None)]
+        t91, windows = [], []
+        with TrainingRun(folder, data_root, Path(tmp) / "large") as large:
+            large.run_until(lambda: large.first_shown is not None)
+            large.pause()
+            for i in range(rounds):
+                t91.append(training_epoch(data_root / "T91", data_root, Path(tmp) / f"t91_{i}"))
+                windows.append(large.run_for(seconds / rounds))
+            t91.append(training_epoch(data_root / "T91", data_root, Path(tmp) / f"t91_{rounds}"))
+            saved = large.finish(stop=True)
         pixels = sum(image_size(path)[0] * image_size(path)[1] for path in folder.glob("*.png"))
-    t91 = {key: statistics.median([runs[0][key], runs[2][key]]) for key in runs[0]}
+    steps_per_s = sum(steps for _, steps in windows) / sum(ran for ran, _ in windows)
+    batch, first_step = saved["args"]["batch_size"], large.first_shown[0]
+    collection_run = {"peak_memory_mb": round(large.peak / 1e6), "patches_per_s": round(steps_per_s * batch, 1),
+                      "seconds_per_epoch": round(first_step + saved["position"]["batches"] / steps_per_s, 3),
+                      "seconds_to_first_step": round(first_step, 1),
+                      "windows_patches_per_s": [round(steps * batch / ran, 1) for ran, steps in windows]}
+    t91_mean = {key: round(statistics.mean(run[key] for run in t91), 3) for key in t91[0]}
+    t91_mean["peak_memory_mb"] = max(run["peak_memory_mb"] for run in t91)
     return {"collection": f"{count} images of {size[0]}x{size[1]}, {3 * pixels / 1e9:.2f} GB of pixels, "
-                          f"made in {made:.0f} s", "t91": t91, "collection_run": runs[1],
-            "t91_runs": [runs[0], runs[2]], "rate_vs_t91": round(runs[1]["patches_per_s"] / t91["patches_per_s"], 3)}
+                          f"made in {made:.0f} s", "t91": t91_mean, "collection_run": collection_run, "t91_runs": t91,
+            "rate_vs_t91": round(collection_run["patches_per_s"] / t91_mean["patches_per_s"], 3)}
 
 
 def against_benchmark(data_root: Path, tree: Path, rounds: int) -> dict:
@@ -494,7 +545,7 @@ def against_benchmark(data_root: Path, tree: Path, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
             for name, where in (("other", tree), ("this", Path(__file__).parent)):
-                runs[name].append(training_window(data_root / "T91", data_root, Path(tmp) / f"{name}{i}", None, where))
+                runs[name].append(training_epoch(data_root / "T91", data_root, Path(tmp) / f"{name}{i}", where))
     medians = {name: statistics.median(run["seconds_per_epoch"] for run in rs) for name, rs in runs.items()}
     return {"tree": str(tree), "seconds_per_epoch": medians, "runs": runs,
             "speedup": round(medians["other"] / medians["this"], 3)}
@@ -510,10 +561,15 @@ def print_against_results(r: dict) -> None:
 
 def print_data_results(r: dict) -> None:
     print(f"{'collection':35s} {r['collection']}")
-    runs = (("T91 (held, median of 2)", r["t91"]), ("collection (streamed, after step 1)", r["collection_run"]))
+    large = r["collection_run"]
+    runs = ((f"T91 (held, mean of {len(r['t91_runs'])} epochs)", r["t91"]),
+            (f"collection (streamed, {len(large['windows_patches_per_s'])} windows)", large))
     for name, run in runs:
         print(f"{name:35s} peak memory {run['peak_memory_mb']:,} MB, {run['patches_per_s']:.0f} patches/s, "
               f"{run['seconds_per_epoch']:,.0f} s an epoch, first step after {run['seconds_to_first_step']:.1f} s")
+    print(f"{'in turn, patches/s':35s} " + ", ".join(
+        f"T91 {t91['patches_per_s']:.0f}" + (f", collection {window:.0f}" if window else "")
+        for t91, window in zip(r["t91_runs"], [*large["windows_patches_per_s"], None], strict=True)))
     print(f"{'the collection against T91':35s} {r['rate_vs_t91']:.0%} of its patches a second")
 
 
@@ -523,8 +579,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--cuda", action="store_true", help="time training, matmul and inference on the GPU")
     parser.add_argument("--data", action="store_true", help="instead: train the x3 recipe on T91 and on a DIV2K-"
-                        "sized collection made from the downloaded sets in a temporary folder (--quick: 40 images, "
-                        "30 s) and compare memory and speed (about 25 minutes)")
+                        "sized collection made from the downloaded sets in a temporary folder, 7 epochs of T91 and "
+                        "6 windows of 150 s of the collection in turn (--quick: 40 images, 3 epochs and 2 windows "
+                        "of 15 s), and compare memory and speed (about 30 minutes)")
     parser.add_argument("--against", type=Path, metavar="TREE", help="instead: the x3 recipe's first epoch on T91 "
                         "with this tree's train.py and with TREE's (e.g. `git worktree add /tmp/old <commit>`), "
                         "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes) (default: none)")
@@ -539,8 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", choices=["rgb", "y"], default="rgb", help="RGB, or the Y channel")
     args = parser.parse_args(argv)
     if args.data:
-        count, seconds = (40, 30) if args.quick else (DIV2K_COUNT, 900)  # 900 s: past the first part (2 GB)
-        results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, args.collection)
+        count, seconds, rounds = (40, 30, 2) if args.quick else (DIV2K_COUNT, 900, 6)  # 900 s: past a part (2 GB)
+        results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, rounds, args.collection)
         print_data_results(results)
         if args.json:
             print(json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 """bench.py says when its figures cannot be trusted; its --data collection, training windows and --against."""
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,16 @@ import torch
 from PIL import Image
 
 from bench import (
+    TrainingRun,
     against_benchmark,
     busy_cpu_seconds,
+    data_benchmark,
     make_collection,
     own_cpu_seconds,
     reliability_warnings,
-    training_window,
+    training_epoch,
 )
+from utils import UserError
 
 
 def test_repeats_that_disagree_or_a_busy_machine_are_reported():
@@ -52,25 +56,57 @@ def test_the_collection_is_as_many_photo_like_images_as_asked_the_same_from_the_
 
 
 @pytest.mark.slow
-def test_a_training_window_reports_memory_rate_and_first_step(mini_root, tmp_path):
-    result = training_window(mini_root / "T91", mini_root, tmp_path / "run", None)  # one whole epoch
+def test_a_training_epoch_reports_memory_rate_and_first_step(mini_root, tmp_path):
+    result = training_epoch(mini_root / "T91", mini_root, tmp_path / "run")
     assert result["peak_memory_mb"] > 100  # torch alone takes more: the process tree was sampled
     assert result["patches_per_s"] > 0 and 0 < result["seconds_to_first_step"] < 120
     history = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["history"]
     assert result["seconds_per_epoch"] == round(history[0]["seconds"], 3)
 
 
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # after "pid (name)"
+
+
 @pytest.mark.slow
-def test_a_window_stopped_early_takes_its_rate_from_the_first_step_on(mini_root, tmp_path):
+def test_a_paused_run_takes_no_steps_and_its_windows_count_only_the_time_it_ran(mini_root, tmp_path):
     folder = tmp_path / "large"
     folder.mkdir()
     make_collection(folder, sorted((mini_root / "T91").iterdir()), 6, (640, 480))  # some 12k patches
-    result = training_window(folder, mini_root, tmp_path / "run", 3)
-    position = torch.load(tmp_path / "run" / "interrupted.pth", weights_only=True)["position"]
-    assert 0 < position["batch"] < position["batches"]  # stopped within the epoch, where it stood saved
-    estimate = result["seconds_to_first_step"] + position["batches"] * 16 / result["patches_per_s"]  # batch 16
-    assert abs(result["seconds_per_epoch"] - estimate) < 0.06 + 0.001 * estimate  # as rounded
-    assert result["seconds_per_epoch"] > result["seconds_to_first_step"] + 3
+    with TrainingRun(folder, mini_root, tmp_path / "run") as run:
+        run.run_until(lambda: run.first_shown is not None)
+        run.pause()
+        paused_at = run.last_shown
+        time.sleep(2)
+        assert process_state(run.proc.pid) == "T" and run.last_shown == paused_at  # stopped: no step shown
+        ran, steps = run.run_for(3)
+        assert 3 <= ran < 4 and steps > 0 and run.last_shown[1] == paused_at[1] + steps
+        saved = run.finish(stop=True)
+    position = saved["position"]
+    assert paused_at[1] + steps <= position["batch"] < position["batches"]  # stopped within the epoch, saved
+
+
+@pytest.mark.slow
+def test_a_training_run_that_fails_ends_in_its_last_line_and_leaves_no_process(mini_root, tmp_path):
+    with pytest.raises(UserError, match=r"training on run ended early \(exit status 2\): error: .*Nowhere"):
+        with TrainingRun(tmp_path / "Nowhere", mini_root, tmp_path / "run") as run:
+            run.run_until(lambda: run.first_shown is not None)
+    assert run.proc.poll() == 2
+
+
+@pytest.mark.slow
+def test_the_data_benchmark_takes_turns_and_rates_the_collection_by_its_running_time(mini_root, tmp_path):
+    folder = tmp_path / "collection"
+    folder.mkdir()
+    make_collection(folder, sorted((mini_root / "T91").iterdir()), 3, (640, 480))
+    made = [path.stat().st_mtime_ns for path in sorted(folder.iterdir())]
+    result = data_benchmark(mini_root, 3, (640, 480), 4, 2, folder)
+    assert [path.stat().st_mtime_ns for path in sorted(folder.iterdir())] == made  # taken as it was
+    t91, large = result["t91_runs"], result["collection_run"]
+    assert len(t91) == 3 and len(large["windows_patches_per_s"]) == 2 and all(large["windows_patches_per_s"])
+    assert result["t91"]["patches_per_s"] == round(sum(run["patches_per_s"] for run in t91) / 3, 3)
+    assert result["rate_vs_t91"] == round(large["patches_per_s"] / result["t91"]["patches_per_s"], 3)
+    assert min(large["windows_patches_per_s"]) <= large["patches_per_s"] <= max(large["windows_patches_per_s"])
 
 
 @pytest.mark.slow
