@@ -504,8 +504,8 @@ def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: 
     collection's run starts and waits paused, then a T91 epoch and `seconds / rounds` of the
     collection take turns, `rounds` times, and a last T91 epoch closes. The collection's rate is its
     steps over the seconds it ran (its next part's read included, as every part of an epoch has one),
-    T91's the mean of its epochs'. The collection is made in `collection` (kept, and taken as it is
-    when it holds `count` images) or in a temporary folder."""
+    T91's the mean of its epochs' (its peak memory their highest). The collection is made in
+    `collection` (kept, and taken as it is when it holds `count` images) or in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = collection or Path(tmp) / "collection"
         folder.mkdir(parents=True, exist_ok=True)
