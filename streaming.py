@@ -55,7 +55,7 @@ class Entries(Dataset):
             lr_up, hr = degrade(shrink(load_rgb(path), zoom), self.scale, DEGRADATIONS[self.kinds[i]])
         except UserError as err:
             return str(err)
-        return image_to_tensor(lr_up).contiguous(), image_to_tensor(hr).contiguous()
+        return image_to_tensor(lr_up), image_to_tensor(hr)
 
 
 class StreamedPatches:
