@@ -376,6 +376,7 @@ def training_rates(device: torch.device, rounds: int, patches: int, shape: Shape
 
 DIV2K_COUNT, DIV2K_SIZE = 800, (2040, 1356)  # DIV2K's training set: 800 images of about 2040 x 1356
 COLLECTION_SOURCES = ("BSD100", "Set14", "T91")  # what its pictures are cut from
+SHARED_MEMORY = ("/dev/shm/", "/memfd:")  # how Linux names shared memory in /proc/PID/maps and fd
 
 
 def make_collection(folder: Path, sources: list[Path], count: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -400,10 +401,12 @@ def make_collection(folder: Path, sources: list[Path], count: int, size: tuple[i
         canvas.save(folder / f"{n:04d}.png", compress_level=1)
 
 
-def tree_pss_bytes(pid: int) -> int:
-    """The proportional set size of process `pid` and all its descendants (the DataLoader workers):
-    memory shared between them (a part handed over in shared memory) counted once."""
-    total, pids = 0, [pid]
+def tree_memory_bytes(pid: int) -> int:
+    """The memory of process `pid` and all its descendants (the DataLoader workers): their
+    proportional set size (memory shared between them counted once), plus the shared memory they
+    hold open without mapping it: a part a worker has read waits for the training process so, in
+    file descriptors (1 GB of the collection's run that the set size alone missed)."""
+    total, pids, mapped, held = 0, [pid], set(), {}
     while pids:
         current = pids.pop()
         try:
@@ -411,9 +414,19 @@ def tree_pss_bytes(pid: int) -> int:
                                 if line.startswith("Pss:"))
             for task in Path(f"/proc/{current}/task").iterdir():
                 pids += [int(child) for child in (task / "children").read_text().split()]
+            mapped |= {int(fields[4]) for fields in map(str.split, Path(f"/proc/{current}/maps").open())
+                       if len(fields) > 5 and fields[5].startswith(SHARED_MEMORY)}
+            descriptors = list(Path(f"/proc/{current}/fd").iterdir())
         except (OSError, ValueError):  # it ended meanwhile
             continue
-    return total
+        for fd in descriptors:
+            try:
+                if os.readlink(fd).startswith(SHARED_MEMORY):
+                    status = fd.stat()
+                    held[status.st_ino] = 512 * status.st_blocks  # the pages it holds, not its length
+            except OSError:  # closed meanwhile
+                continue
+    return total + sum(size for inode, size in held.items() if inode not in mapped)
 
 
 class TrainingRun:
@@ -459,7 +472,7 @@ class TrainingRun:
                 self.watcher.join()
                 raise UserError(f"training on {self.out.name} ended early (exit status {self.proc.returncode}): "
                                 + (self.text.strip().splitlines() or ["no output"])[-1])
-            self.peak = max(self.peak, tree_pss_bytes(self.proc.pid))
+            self.peak = max(self.peak, tree_memory_bytes(self.proc.pid))
             time.sleep(0.25)
 
     def pause(self) -> None:

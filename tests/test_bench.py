@@ -1,5 +1,6 @@
 """bench.py says when its figures cannot be trusted; its --data collection, training windows and --against."""
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from bench import (
     own_cpu_seconds,
     reliability_warnings,
     training_epoch,
+    tree_memory_bytes,
 )
 from utils import UserError
 
@@ -39,6 +41,30 @@ def test_cpu_use_of_the_machine_includes_this_process():
     sum(i * i for i in range(3_000_000))  # ~0.2 s of CPU
     after = busy_cpu_seconds()
     assert after[1] >= 1 and after[0] - before[0] >= 0.8 * (own_cpu_seconds() - own)
+
+
+HOLDER = """
+import mmap, os, sys
+size = 64 << 20
+held, mapped = os.memfd_create("held"), os.memfd_create("mapped")
+for fd in (held, mapped):
+    os.write(fd, b"x" * size)
+view = mmap.mmap(mapped, size)
+sum(view[i] for i in range(0, size, mmap.PAGESIZE))  # resident in this process too
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_tree_memory_counts_shared_memory_held_in_a_descriptor_once_mapped_or_not():
+    """A worker's part waiting in a file descriptor, mapped by no process, is memory the run takes."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        measured = tree_memory_bytes(child.pid)
+    finally:
+        child.communicate("")
+    assert (128 << 20) <= measured < (128 + 48 << 20)  # both 64 MiB, the mapped one not twice, and an idle Python
 
 
 def test_the_collection_is_as_many_photo_like_images_as_asked_the_same_from_the_same_seed(tmp_path, mini_root):
