@@ -64,7 +64,7 @@ def onnx_model(model: SRCNN, images: bool = False, polyphase: bool = False):
     for i, conv in enumerate((model.conv1, model.conv2, model.conv3), start=1):
         by_phase, pad = i == 3 and polyphase, conv.padding[0]
         weight, bias = (p.detach().float().cpu().contiguous().numpy()
-                        for p in (phase_weights(conv) if by_phase else (conv.weight, conv.bias)))
+                        for p in (phase_weights(conv.weight, conv.bias) if by_phase else (conv.weight, conv.bias)))
         chain.then("Conv", weight, bias, names=(f"conv{i}.weight", f"conv{i}.bias"),
                    kernel_shape=list(weight.shape[2:]), strides=[2, 2] if by_phase else [1, 1],
                    pads=[pad, pad, pad + 1, pad + 1] if by_phase else [pad] * 4)
