@@ -40,8 +40,7 @@ from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from streaming import StreamedPatches
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
-AVX2_PASS_PIXELS = 12_000  # patch pixels per forward/backward pass on a CPU without AVX-512 (see cpu_pass)
-L2_BYTES_PER_PASS_PIXEL = 90  # with AVX-512: as many pixels a pass as a core's L2 holds at this rate
+PASS_PIXELS = 35_000  # patch pixels per forward/backward pass on a CPU (see cpu_pass)
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
 
 
@@ -77,39 +76,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     return total
 
 
-def l2_cache_bytes() -> int | None:
-    """A core's level-2 cache as Linux reports it (/sys/devices/system/cpu/cpu0/cache), else None."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
-                size = (index / "size").read_text().strip()
-                return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
-        except (OSError, ValueError):
-            return None
-    return None
-
-
 def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
-    """(patches per forward/backward pass on this CPU, why). Measured (docs/speed.md): without AVX-512
-    passes of about 12k pixels ran the step fastest in a probe (a 2-core AMD EPYC, AVX2: 5 patches
-    of 48x48 1.3x as fast as 15 or 16, 2 of 96x96 as fast as 4; the recipe's whole epoch ran as fast
-    as with 15 + 1); with AVX-512, passes of about what a core's L2 holds at 90 bytes a pixel (AMD
-    EPYC, 1 MiB: 4-6 patches of 48x48 ran the x3 recipe's step 1.9x as fast as 15; Intel Xeon, 2 MiB:
-    8). The passes of a batch are of equal size: 16 patches as 6 + 5 + 5, not 15 + 1. Deterministic,
-    so that the same command on the same machine trains the same weights."""
-    capability, l2 = torch.backends.cpu.get_cpu_capability(), l2_cache_bytes()
-    if capability == "AVX512" and l2:
-        pixels, why = l2 // L2_BYTES_PER_PASS_PIXEL, f"AVX-512, {l2 >> 10} KiB of L2 a core"
-    else:
-        pixels, why = AVX2_PASS_PIXELS, f"{capability}, no AVX-512"
-    passes = max(1, round(batch_size * patch_size**2 / pixels))
-    return -(-batch_size // passes), f"{why}: passes of about {pixels:,} pixels"
+    """(patches per forward/backward pass on a CPU, why): passes of about 35k pixels, of equal size
+    (16 patches of 48x48 in one pass, 128 of 33x33 as 4 of 32, 8 of 96x96 as 4 + 4), so that a pass's
+    activations stay in cache. Measured (docs/speed.md) with freed memory reused, as training does
+    (processes.reuse_freed_memory): on a 2-core AMD EPYC with AVX-512 the step took the same time in
+    passes of 18k to 74k pixels, 1.2x as long in passes of 12k (128 of 33x33) and of 140k (the whole
+    batch); with AVX2 the x3 recipe's epoch ran as fast in passes of 12k as of 35k. Smaller passes,
+    chosen per CPU before, had looked faster only in probes that did not reuse freed memory, where a
+    large pass's activations were faulted in afresh every step. The same on every CPU, so that the
+    same command trains the same weights wherever the CPU computes the same sums."""
+    passes = max(1, round(batch_size * patch_size**2 / PASS_PIXELS))
+    return -(-batch_size // passes), f"passes of about {PASS_PIXELS:,} pixels"
 
 
 def last_layer_by_phase(device: torch.device) -> bool:
     """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with
-    AVX-512, whose convolutions fill blocks of 16 output channels, it ran the step 3-6% faster (Intel
-    Xeon); with AVX2 (blocks of 8) 3-5% slower; the GPU has no such blocks (docs/speed.md)."""
+    AVX-512, whose convolutions fill blocks of 16 output channels, it ran the step faster (16 of
+    48x48: 1.14x on an AMD EPYC, 3-6% on an Intel Xeon); with AVX2 (blocks of 8) 3-5% slower, before
+    its backward took the input's gradient the plain way; the GPU has no such blocks (docs/speed.md)."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -319,7 +304,7 @@ class Trainer:
                 self.captured = CapturedStep(self.model, self.optimizer, self.ema, args, self.autocast, self.scaler)
             processes.say("CUDA step: " + (f"plain ({why_not})" if why_not else "captured as a CUDA graph, replayed"))
         self.pass_patches = None  # the GPU's way: the whole batch at once
-        if processes.device.type == "cpu":  # passes that fit the CPU's caches
+        if processes.device.type == "cpu":  # passes whose activations stay in cache
             why = "as given or recorded"
             if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
                 args["pass_patches"], why = cpu_pass(args["patch_size"], args["batch_size"] // processes.world)

@@ -257,17 +257,11 @@ def test_a_step_in_passes_is_the_whole_batch_step():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_the_cpu_pass_is_chosen_from_what_the_cpu_is(monkeypatch):
-    """Equal passes of about 12k pixels without AVX-512, of a core's L2 at 90 bytes a pixel with it."""
-    import train
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == [6, 11, 2]
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    for l2, passes in ((1 << 20, [6, 11, 2]), (2 << 20, [8, 22, 3])):  # AMD EPYC, Intel Xeon
-        monkeypatch.setattr(train, "l2_cache_bytes", lambda l2=l2: l2)
-        assert [cpu_pass(size, batch)[0] for size, batch in ((48, 16), (33, 128), (96, 8))] == passes
-        assert f"{l2 >> 10} KiB of L2" in cpu_pass(48, 16)[1]
+def test_the_cpu_pass_is_equal_passes_of_about_35k_pixels():
+    """16 of 48x48 (36,864 pixels) in one pass, 128 of 33x33 as 4 of 32, 8 of 96x96 as 4 + 4, 24 of
+    48x48 as 2 of 12 (not 15 + 9), and one patch larger than a pass alone."""
+    sizes = ((48, 16), (33, 128), (96, 8), (48, 24), (256, 4))
+    assert [cpu_pass(size, batch)[0] for size, batch in sizes] == [16, 32, 4, 12, 1]
 
 
 def test_the_last_layer_runs_by_phase_only_on_a_cpu_with_avx512(monkeypatch):
