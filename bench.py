@@ -42,6 +42,7 @@ from model import ASSIGNMENT, SRCNN, Shape, conv_by_phase
 from onnx_engine import engine_for, export_onnx, onnx_model
 from processes import reuse_freed_memory
 from train import (
+    PASS_PIXELS,
     CapturedStep,
     capturable,
     cpu_pass,
@@ -102,7 +103,7 @@ def our_epoch(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
     model = step_model(device, shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     autocast, scaler = mixed_precision({"amp": "off"}, device)  # float32, as train.py trains by default
-    pass_patches = cpu_pass(PATCH, BATCH)[0] if device.type == "cpu" else None
+    pass_patches = cpu_pass(PATCH, BATCH) if device.type == "cpu" else None
     inputs, targets = inputs.to(device), targets.to(device)
     synchronize(device)
     start = time.perf_counter()
@@ -311,7 +312,7 @@ def step_milliseconds(batch: int, size: int, ema_decay: float, device: torch.dev
             captured(patches, patches, 0)
     else:
         x, y = make_batch(patches, patches, 0, shape.channels == 1)
-        pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else None
+        pass_patches = cpu_pass(size, batch) if device.type == "cpu" else None
 
         def step() -> None:
             train_step(model, optimizer, x, y, autocast, scaler, pass_patches=pass_patches)
@@ -331,7 +332,7 @@ def layer_shares(batch: int, size: int, device: torch.device, calls: int, shape:
     """Each convolution's share of a pass's forward and backward (its input's gradient too, but the
     first's), timed alone at the pass size train.py chooses: where the step's time goes."""
     model = step_model(device, shape)
-    pass_patches = cpu_pass(size, batch)[0] if device.type == "cpu" else batch
+    pass_patches = cpu_pass(size, batch) if device.type == "cpu" else batch
     x = torch.rand(pass_patches, shape.channels, size, size, device=device).contiguous(
         memory_format=torch.channels_last)
     with torch.no_grad():
@@ -642,7 +643,8 @@ def main(argv: list[str] | None = None) -> None:
     shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
                                           layer_shares(batch, size, device, calls, shape).items()}
               for batch, size, _ in STEPS}
-    passes = {f"{batch}x{size}x{size}": cpu_pass(size, batch) if device.type == "cpu" else
+    passes = {f"{batch}x{size}x{size}": (cpu_pass(size, batch), f"passes of about {PASS_PIXELS:,} pixels")
+              if device.type == "cpu" else
               (batch, "CUDA: the whole batch, captured as a CUDA graph") for batch, size, _ in STEPS}
     peak = matmul_gflops(3 if args.quick else 5, device)
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)

@@ -76,8 +76,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     return total
 
 
-def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
-    """(patches per forward/backward pass on a CPU, why): passes of about 35k pixels, of equal size
+def cpu_pass(patch_size: int, batch_size: int) -> int:
+    """Patches per forward/backward pass on a CPU: passes of about 35k pixels, of equal size
     (16 patches of 48x48 in one pass, 128 of 33x33 as 4 of 32, 8 of 96x96 as 4 + 4), so that a pass's
     activations stay in cache. Measured (docs/speed.md) with freed memory reused, as training does
     (processes.reuse_freed_memory): on a 2-core AMD EPYC with AVX-512 the step took the same time in
@@ -87,7 +87,7 @@ def cpu_pass(patch_size: int, batch_size: int) -> tuple[int, str]:
     large pass's activations were faulted in afresh every step. The same on every CPU, so that the
     same command trains the same weights wherever the CPU computes the same sums."""
     passes = max(1, round(batch_size * patch_size**2 / PASS_PIXELS))
-    return -(-batch_size // passes), f"passes of about {PASS_PIXELS:,} pixels"
+    return -(-batch_size // passes)
 
 
 def last_layer_by_phase(device: torch.device) -> bool:
@@ -307,7 +307,8 @@ class Trainer:
         if processes.device.type == "cpu":  # passes whose activations stay in cache
             why = "as given or recorded"
             if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
-                args["pass_patches"], why = cpu_pass(args["patch_size"], args["batch_size"] // processes.world)
+                args["pass_patches"] = cpu_pass(args["patch_size"], args["batch_size"] // processes.world)
+                why = f"about {PASS_PIXELS:,} pixels each"
             self.pass_patches = args["pass_patches"]
             processes.say(f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer "
                           + ("by phase" if model.last_layer_by_phase else "plain"))
