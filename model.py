@@ -70,10 +70,11 @@ PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, column) in each 2x2 block of 
 
 
 def phase_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a stride-2 convolution, one tap wider and padded (p, p + 1) each way, that
-    gives the k x k convolution of `weight` and `bias` in 2x2 blocks: output pixel (2y + a, 2x + b)
-    of channel c is channel 4c + 2a + b at (y, x), its weights the k x k ones shifted by (a, b) among
-    zeros, so every sum is the original one.
+    """(weight, bias) of a stride-2 convolution, one tap wider, that gives the k x k convolution of
+    `weight` and `bias` (padded p = k // 2) in 2x2 blocks: with its grid starting p pixels before
+    the image (padded p before and p + 1 after, or p both ways on an even side), output pixel
+    (2y + a, 2x + b) of channel c is channel 4c + 2a + b at (y, x), its weights the k x k ones
+    shifted by (a, b) among zeros, so every sum is the original one.
 
     Why: CPU convolutions (oneDNN in PyTorch, ONNX Runtime) compute output channels in blocks of 8
     or 16, so the last layer's 3 cost as much as 16; as 12 channels over a quarter of the positions
@@ -101,24 +102,28 @@ class _ByPhase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int) -> torch.Tensor:
+        # the stride-2 grid starts p pixels before an even side and p + 1 before an odd one, so that
+        # the convolution pads symmetrically by itself (no padded copy of x) and covers every pixel
         height, width = x.shape[-2:]
-        padded = F.pad(x, (p, p + 1, p, p + 1))
-        ctx.save_for_backward(padded, weight)
-        ctx.input_shape, ctx.padding = x.shape, p
-        return F.pixel_shuffle(F.conv2d(padded, *phase_weights(weight, bias), stride=2), 2)[..., :height, :width]
+        odd_height, odd_width = height % 2, width % 2
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.odd = p, (odd_height, odd_width)
+        blocks = F.conv2d(x, *phase_weights(weight, bias), stride=2, padding=(p + odd_height, p + odd_width))
+        return F.pixel_shuffle(blocks, 2)[..., odd_height:odd_height + height, odd_width:odd_width + width]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        padded, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        (odd_height, odd_width), p = ctx.odd, ctx.padding
         out_channels, in_channels, k, _ = weight.shape
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, padding=ctx.padding)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=p)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            height, width = grad.shape[-2:]
-            blocks = F.pixel_unshuffle(F.pad(grad, (0, width % 2, 0, height % 2)), 2)
-            grad_shifted = torch.nn.grad.conv2d_weight(padded, (4 * out_channels, in_channels, k + 1, k + 1),
-                                                       blocks, stride=2).unflatten(0, (out_channels, 4))
+            blocks = F.pixel_unshuffle(F.pad(grad, (odd_width, 0, odd_height, 0)), 2)
+            grad_shifted = torch.nn.grad.conv2d_weight(x, (4 * out_channels, in_channels, k + 1, k + 1), blocks,
+                                                       stride=2, padding=(p + odd_height, p + odd_width))
+            grad_shifted = grad_shifted.unflatten(0, (out_channels, 4))
             grad_weight = sum(grad_shifted[:, i, :, a:a + k, b:b + k] for i, (a, b) in enumerate(PHASES))
             grad_bias = blocks.sum((0, 2, 3)).unflatten(0, (out_channels, 4)).sum(1)
         return grad_x, grad_weight, grad_bias, None
