@@ -74,7 +74,8 @@ def phase_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tenso
     `weight` and `bias` (padded p = k // 2) in 2x2 blocks: with its grid starting p pixels before
     the image (padded p before and p + 1 after, or p both ways on an even side), output pixel
     (2y + a, 2x + b) of channel c is channel 4c + 2a + b at (y, x), its weights the k x k ones
-    shifted by (a, b) among zeros, so every sum is the original one.
+    shifted by (a, b) among zeros, so every sum is the original one. (A grid starting one pixel
+    earlier gives pixel (2y + a - 1, 2x + b - 1) there: _ByPhase's way on an odd side.)
 
     Why: CPU convolutions (oneDNN in PyTorch, ONNX Runtime) compute output channels in blocks of 8
     or 16, so the last layer's 3 cost as much as 16; as 12 channels over a quarter of the positions
