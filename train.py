@@ -93,8 +93,9 @@ def cpu_pass(patch_size: int, batch_size: int) -> int:
 def last_layer_by_phase(device: torch.device) -> bool:
     """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with
     AVX-512, whose convolutions fill blocks of 16 output channels, it ran the step faster (16 of
-    48x48: 1.14x on an AMD EPYC, 3-6% on an Intel Xeon); with AVX2 (blocks of 8) 3-5% slower, before
-    its backward took the input's gradient the plain way; the GPU has no such blocks (docs/speed.md)."""
+    48x48: 23.8 ms against 27.5 plain on an AMD EPYC, 3-6% less on an Intel Xeon); with AVX2 (blocks
+    of 8) 3-5% slower, before its backward took the input's gradient the plain way; the GPU has no
+    such blocks (docs/speed.md)."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
