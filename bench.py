@@ -40,13 +40,13 @@ from download import default_data_root
 from inference import enhance, super_resolve_image
 from model import ASSIGNMENT, SRCNN, Shape, conv_by_phase
 from onnx_engine import engine_for, export_onnx, onnx_model
+from options import filter_sizes
 from processes import reuse_freed_memory
-from train import (
+from step import (
     PASS_PIXELS,
     CapturedStep,
     capturable,
     cpu_pass,
-    filter_sizes,
     last_layer_by_phase,
     make_batch,
     mixed_precision,
@@ -294,22 +294,25 @@ def step_model(device: torch.device, shape: Shape) -> SRCNN:
 
 
 def step_milliseconds(batch: int, size: int, ema_decay: float, device: torch.device, calls: int,
-                      shape: Shape) -> float:
+                      shape: Shape, captured: bool = False) -> float:
     """train.py's step on `batch` patches of `size`, with the moving average if `ema_decay`, as the
-    Trainer takes it: on a CPU train_step in the passes it chooses, on CUDA the captured step
-    (CapturedStep). The lower quartile of `calls` timed calls, after a warm-up."""
+    Trainer takes it: on a CPU train_step in the passes it chooses, on CUDA the plain step or, with
+    `captured`, the step captured as a CUDA graph (CapturedStep, --cuda-graph auto). The lower
+    quartile of `calls` timed calls, after a warm-up that includes the capture and its check."""
     model = step_model(device, shape)
     ema = copy.deepcopy(model) if ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    args = {"patch_size": size, "loss_border": 0, "ema_decay": ema_decay, "amp": "off"}
+    args = {"patch_size": size, "loss_border": 0, "ema_decay": ema_decay, "amp": "off",
+            "cuda_graph": "auto" if captured else "off"}
     autocast, scaler = mixed_precision(args, device)
     patches = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     if CapturedStep.possible(args, device, 1) is None:
         capturable(optimizer)
-        captured = CapturedStep(model, optimizer, ema, args, autocast, scaler)
+        graph = CapturedStep(model, optimizer, ema, args, autocast, scaler)
 
         def step() -> None:
-            captured(patches, patches, 0)
+            if graph(patches, patches, 0) is None:
+                raise UserError(f"the captured step was given up: {graph.failure}")
     else:
         x, y = make_batch(patches, patches, 0, shape.channels == 1)
         pass_patches = cpu_pass(size, batch) if device.type == "cpu" else None
@@ -596,7 +599,7 @@ def print_data_results(r: dict) -> None:
     print(f"{'the collection against T91':35s} {r['rate_vs_t91']:.0%} of its patches a second")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller memory test")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -617,53 +620,68 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
                         help="the filters of the first two layers")
     parser.add_argument("--channels", choices=["rgb", "y"], default="rgb", help="RGB, or the Y channel")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.data:
         count, seconds, rounds = (40, 30, 2) if args.quick else (DIV2K_COUNT, 900, 6)  # 900 s: past a part (2 GB)
         results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, rounds, args.collection)
         print_data_results(results)
-        if args.json:
-            print(json.dumps(results, indent=2))
-        return
-    if args.against:
+    elif args.against:
         results = against_benchmark(Path(args.data_root).resolve(),  # the other tree's train.py runs in that tree
                                     args.against.resolve(), 1 if args.quick else 3)
         print_against_results(results)
-        if args.json:
-            print(json.dumps(results, indent=2))
-        return
-    device, shape = choose_device(args.cuda), shape_of_args(vars(args))
+    else:
+        results = speed_benchmark(choose_device(args.cuda), shape_of_args(vars(args)), args.quick)
+        print_results(results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def speed_benchmark(device: torch.device, shape: Shape, quick: bool) -> dict:
+    """Training (train.py's loop against the textbook one, train.py's steps and where their time goes)
+    and inference on `device`, each against the matmul rate, with warnings if the machine was busy."""
     reuse_freed_memory()  # as train.py's processes do: without it a step of large passes faulted its
     # activations in afresh (16 of 48x48 in passes of 15 + 1: 39 ms against 29 with it, AMD EPYC)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
-    ours, textbook = training_rates(device, *((2, 1024) if args.quick else (4, 4096)), shape)
-    calls = 20 if args.quick else 40
-    steps = {f"{batch}x{size}x{size}": round(step_milliseconds(batch, size, ema, device, calls, shape), 3)
-             for batch, size, ema in STEPS}
-    shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
-                                          layer_shares(batch, size, device, calls, shape).items()}
-              for batch, size, _ in STEPS}
-    passes = {f"{batch}x{size}x{size}": (cpu_pass(size, batch), f"passes of about {PASS_PIXELS:,} pixels")
-              if device.type == "cpu" else
-              (batch, "CUDA: the whole batch, captured as a CUDA graph") for batch, size, _ in STEPS}
-    peak = matmul_gflops(3 if args.quick else 5, device)
-    our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
-    achieved = our_rate * training_flops_per_patch(shape) / 1e9
+    ours, textbook = training_rates(device, *((2, 1024) if quick else (4, 4096)), shape)
+    calls = 20 if quick else 40
+    steps, passes, shares = {}, {}, {}
+    for batch, size, ema in STEPS:
+        for captured in (False, True) if device.type == "cuda" else (False,):
+            name = f"{batch}x{size}x{size}" + (" captured" if captured else "")
+            steps[name] = round(step_milliseconds(batch, size, ema, device, calls, shape, captured), 3)
+            passes[name] = ((cpu_pass(size, batch), f"passes of about {PASS_PIXELS:,} pixels") if device.type == "cpu"
+                            else (batch, "CUDA: the whole batch" + (", as a CUDA graph" if captured else "")))
+        shares[f"{batch}x{size}x{size}"] = {name: round(share, 3) for name, share in
+                                            layer_shares(batch, size, device, calls, shape).items()}
+    peak = matmul_gflops(3 if quick else 5, device)
     megapixels = inference_megapixels(SRCNN(shape).to(device, memory_format=torch.channels_last).eval(),
-                                      1 if args.quick else 3)
-    rss_size = 1000 if args.quick else 2000
+                                      1 if quick else 3)
+    rss_size = 1000 if quick else 2000
     rss, rss_seconds = super_resolve_peak_rss(rss_size)
     cpu_model = (load_model(CHECKPOINT, torch.device("cpu"))[0] if shape == ASSIGNMENT  # ONNX Runtime runs on the
                  else SRCNN(shape).to(memory_format=torch.channels_last).eval())  # CPU: so does ours here
-    network = network_megapixels(cpu_model, 1 if args.quick else 3)
-    flops_per_pixel = 2 * sum(layer_macs(shape))
-    network_share = {name: rate * 1e6 * flops_per_pixel / 1e9 / peak for name, rate in network.items()}
-    end_to_end = None if args.quick else end_to_end_seconds(1000, 3)  # a small image times start-up, not the job
+    network = network_megapixels(cpu_model, 1 if quick else 3)
+    end_to_end = None if quick else end_to_end_seconds(1000, 3)  # a small image times start-up, not the job
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
     )
-    results = {
+    return speed_results(device, shape, ours, textbook, steps, passes, shares, peak, megapixels, network,
+                         end_to_end, (rss_size, rss, rss_seconds), others_share)
+
+
+def speed_results(device: torch.device, shape: Shape, ours: list[float], textbook: list[float], steps: dict,
+                  passes: dict, shares: dict, peak: float, megapixels: float, network: dict, end_to_end: dict | None,
+                  super_resolve: tuple[int, float, float], others_share: float | None) -> dict:
+    """The speed benchmark's figures as plain data, each rate also as a share of the matmul rate."""
+    our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
+    achieved = our_rate * training_flops_per_patch(shape) / 1e9
+    network_share = {name: rate * 1e6 * 2 * sum(layer_macs(shape)) / 1e9 / peak for name, rate in network.items()}
+    return {
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                     f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
         + f", torch {torch.__version__}",
@@ -684,16 +702,15 @@ def main(argv: list[str] | None = None) -> None:
         "network_megapixels_per_s": {name: round(rate, 2) for name, rate in network.items()},
         "network_fraction_of_matmul": {name: round(share, 3) for name, share in network_share.items()},
         "end_to_end": end_to_end,
-        "super_resolve_lr_size": rss_size,
-        "super_resolve_peak_rss_mib": round(rss, 1),
-        "super_resolve_seconds": round(rss_seconds, 1),
+        "super_resolve_lr_size": super_resolve[0],
+        "super_resolve_peak_rss_mib": round(super_resolve[1], 1),
+        "super_resolve_seconds": round(super_resolve[2], 1),
         "warnings": reliability_warnings(ours, textbook, others_share, {
             "training": achieved / peak, **{f"the network ({name})": share for name, share in network_share.items()}}),
     }
-    print_results(results, args.json)
 
 
-def print_results(results: dict, as_json: bool) -> None:
+def print_results(results: dict) -> None:
     r = results
     print(f"machine                          {r['machine']}")
     print(f"network                          SRCNN {r['network']}")
@@ -705,8 +722,9 @@ def print_results(results: dict, as_json: bool) -> None:
         print(f"train.py step, {step:10s}       {ms:.2f} ms ({batch * 1000 / ms:.0f} patches/s, "
               f"{r['step_fraction_of_matmul'][step]:.0%} of matmul), passes of at most {patches} ({why})"
               + (f"; the textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms" if step == "128x33x33" else ""))
-        print("  layer shares                   " + ", ".join(f"{name} {share:.0%}"
-                                                           for name, share in r["layer_shares"][step].items()))
+        if step in r["layer_shares"]:
+            print("  layer shares                   " + ", ".join(f"{name} {share:.0%}"
+                                                               for name, share in r["layer_shares"][step].items()))
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
           f"({r['fraction_of_matmul_peak']:.0%})")
     print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")
@@ -729,8 +747,6 @@ def print_results(results: dict, as_json: bool) -> None:
     for warning in r["warnings"]:
         print(f"warning: {warning}; these figures are not the machine's own, run again when it is idle",
               file=sys.stderr)
-    if as_json:
-        print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

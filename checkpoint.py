@@ -15,7 +15,8 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     best_psnr         the best evaluation PSNR so far
     rng               {"torch": the global RNG state, "generator": the state of the draws of crops and flips}
     scale, version    the upscaling factor; the project's version that wrote it
-    commands          {"epoch", "command"} of every train/resume command line that made it
+    commands          {"epoch", "command", "step"} of every train/resume command line that made it, "step"
+                      the training step it took, in words (recorded since issue 59)
     position          in interrupted.pth only: where the epoch after `epoch` stopped (POSITION_KEYS)
 
 A bare state_dict of the three convolutions (conv1..conv3) is read as an x3 model of the shape its
@@ -229,7 +230,7 @@ def training_checkpoint(args: dict, progress: Progress, model: nn.Module, ema: n
 
 
 def plain_adam_state(state: dict) -> dict:
-    """An Adam's state_dict as a plain Adam's: a learning rate held as a tensor (train.CapturedStep's
+    """An Adam's state_dict as a plain Adam's: a learning rate held as a tensor (step.CapturedStep's
     capturable Adam) saved as the number it holds, and capturable off, so that every run, on any
     device, loads it as it is."""
     groups = [{**group, "lr": float(group["lr"]), "capturable": False} for group in state["param_groups"]]

@@ -57,6 +57,8 @@ def print_summary(summary: dict, whole_history: bool = False) -> None:
         print(f"  {key:14s} {value}")
     for run in summary["commands"]:
         print(f"  from epoch {run['epoch']}: {run['command']}")
+        if run.get("step"):  # recorded since the step got its own module (issue 59)
+            print(f"    {run['step']}")
     history = summary["history"]
     if not history:
         return

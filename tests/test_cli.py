@@ -16,17 +16,7 @@ from checkpoint import save as save_checkpoint
 from conftest import ROOT, assert_clean_error, run
 from data import downscale, image_to_tensor, modcrop, upscale
 from metrics import psnr
-from model import SRCNN
-from train import (
-    cpu_pass,
-    graph_batch,
-    last_layer_by_phase,
-    learning_rate,
-    make_batch,
-    mixed_precision,
-    train_step,
-    transform_table,
-)
+from train import learning_rate
 
 TRAIN = ("--num-epoch", "1", "--batch-size", "8", "--lr", "1e-3", "--save-freq", "1")
 
@@ -235,69 +225,3 @@ def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
     assert all(a <= b for a, b in zip(rates, rates[1:], strict=False))
     cosine = [learning_rate({**args, "lr_decay": "cosine"}, step / 100) for step in range(1000)]
     assert max(cosine) <= 1e-3 and cosine[-1] >= 1e-6
-
-
-def test_a_step_in_passes_is_the_whole_batch_step():
-    torch.manual_seed(0)
-    inputs, targets = torch.rand(2, 8, 3, 20, 20)
-    results = []
-    for size in (None, 3):  # 8 patches whole, and in three passes of equal size: 3, 3 and 2
-        torch.manual_seed(1)
-        model = SRCNN()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient, scale and all
-        sizes = []
-        model.register_forward_pre_hook(lambda module, args, sizes=sizes: sizes.append(len(args[0])))
-        loss = train_step(model, optimizer, inputs, targets, *mixed_precision({"amp": "off"}, torch.device("cpu")),
-                          pass_patches=size)
-        results.append((loss, [p.detach().clone() for p in model.parameters()], sizes))
-    (whole_loss, whole, whole_sizes), (passed_loss, passed, passed_sizes) = results
-    assert whole_sizes == [8] and passed_sizes == [3, 3, 2]
-    assert torch.allclose(whole_loss, passed_loss, rtol=1e-5)
-    for a, b in zip(whole, passed, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_the_cpu_pass_is_equal_passes_of_about_35k_pixels():
-    """16 of 48x48 (36,864 pixels) in one pass, 128 of 33x33 as 4 of 32, 8 of 96x96 as 4 + 4, 24 of
-    48x48 as 2 of 12 (not 15 + 9), and one patch larger than a pass alone."""
-    sizes = ((48, 16), (33, 128), (96, 8), (48, 24), (256, 4))
-    assert [cpu_pass(size, batch) for size, batch in sizes] == [16, 32, 4, 12, 1]
-
-
-def test_the_last_layer_runs_by_phase_only_on_a_cpu_with_avx512(monkeypatch):
-    """Where it measured faster: AVX-512's blocks of 16 output channels; not with AVX2, not on a GPU."""
-    for capability, on_cpu in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        assert last_layer_by_phase(torch.device("cpu")) is on_cpu
-        assert last_layer_by_phase(torch.device("cuda")) is False
-
-
-@pytest.mark.parametrize("luma", [False, True])
-def test_the_captured_steps_batch_is_make_batchs_for_every_transform(luma):
-    """CUDA graphs replay the same operations every time: the flip/rotation is a gather whose order
-    is picked on the device, and gives make_batch's batch value for value."""
-    patches = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    table = transform_table(12)
-    for transform in range(8):
-        expected = make_batch(patches, patches, transform, luma)[0]
-        got = graph_batch(patches, table, torch.tensor(transform), luma)
-        assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_a_capturable_adams_state_is_saved_as_a_plain_adams():
-    from checkpoint import plain_adam_state
-
-    model = SRCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.rand(1, 3, 12, 12)).sum().backward()
-    optimizer.step()
-    state = optimizer.state_dict()
-    state["param_groups"][0].update(lr=torch.tensor(2e-4), capturable=True)  # as train.capturable leaves it
-    plain = plain_adam_state(state)
-    assert plain["param_groups"][0]["lr"] == pytest.approx(2e-4) and not plain["param_groups"][0]["capturable"]
-    other = SRCNN()
-    again = torch.optim.Adam(other.parameters(), lr=1e-3)
-    again.load_state_dict(plain)
-    other(torch.rand(1, 3, 12, 12)).sum().backward()
-    again.step()  # a plain Adam on the CPU takes it
-    assert isinstance(again.param_groups[0]["lr"], float)

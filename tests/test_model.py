@@ -51,35 +51,3 @@ def test_identity_init_passes_input_through():
     init_identity_(model, noise_std=0.0)
     x = torch.rand(1, 3, 20, 20)
     assert torch.allclose(model(x), x, atol=1e-6)
-
-
-def test_moving_average_moves_toward_the_weights_by_one_minus_decay():
-    from train import update_ema
-
-    model, ema = SRCNN(), SRCNN()
-    before = [p.detach().clone() for p in ema.parameters()]
-    update_ema(ema, model, decay=0.75, step=1000)
-    for average, old, weight in zip(ema.parameters(), before, model.parameters(), strict=True):
-        assert torch.allclose(average, 0.75 * old + 0.25 * weight)
-
-
-def test_moving_average_forgets_the_initial_weights_in_its_first_steps():
-    from train import update_ema
-
-    model, ema = SRCNN(), SRCNN()
-    before = [p.detach().clone() for p in ema.parameters()]
-    update_ema(ema, model, decay=0.999, step=0)  # (1 + 0) / (10 + 0): 90% of the way to the weights
-    for average, old, weight in zip(ema.parameters(), before, model.parameters(), strict=True):
-        assert torch.allclose(average, 0.1 * old + 0.9 * weight)
-
-
-def test_optimizer_steps_counts_adams_steps():
-    from train import optimizer_steps
-
-    model = SRCNN()
-    optimizer = torch.optim.Adam(model.parameters())
-    assert optimizer_steps(optimizer) == 0
-    for _ in range(3):
-        model(torch.rand(1, 3, 8, 8)).mean().backward()
-        optimizer.step()
-    assert optimizer_steps(optimizer) == 3

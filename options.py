@@ -1,0 +1,145 @@
+"""The training options: every flag of `train` and `resume`, its default and what it means, the
+range each must lie in (checked before any work), and how a recipe file (recipes/*.args) is read."""
+
+import argparse
+import re
+import shlex
+from collections.abc import Callable
+
+from data import DEGRADATIONS
+from download import default_data_root
+from model import ASSIGNMENT, Shape
+from utils import UserError
+
+
+def add_training_flags(parser: argparse.ArgumentParser, resume: bool) -> None:
+    """The training flags; for `resume` they default to 'not given' so the saved values stand."""
+
+    def flag(*names, **kwargs):
+        if resume:  # the device is chosen anew by every run
+            kwargs["default"] = argparse.SUPPRESS
+            kwargs["help"] += " (default: off)" if names[0] == "--cuda" else " (default: as saved)"
+        parser.add_argument(*names, **kwargs)
+
+    add_run_flags(flag)
+    add_data_flags(flag)
+    add_network_flags(flag)
+
+
+def add_run_flags(flag: Callable[..., None]) -> None:
+    """How long and how fast a run trains, where it writes, and on what."""
+    flag("--cuda", action="store_true", help="train on the GPU")
+    flag("--lr", type=float, default=1e-4, help="Adam learning rate")
+    flag("--batch-size", type=int, default=128, help="patches per step")
+    flag("--num-epoch", type=int, default=100, help="train until this many epochs in total")
+    flag("--save-freq", type=int, default=10, help="write checkpoint.<epoch>.pth every N epochs")
+    flag("--scale", type=int, default=3, help="upscaling factor")
+    flag("--seed", type=int, default=0, help="random seed")
+    flag("--checkpoint-dir", default="checkpoints", help="where checkpoints go")
+    flag("--lr-decay", choices=["none", "cosine"], default="none", help="learning-rate schedule")
+    flag("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
+    flag("--warmup", type=float, default=1.0, help="epochs of linear learning-rate warm-up at the start")
+    flag("--ema-decay", type=float, default=0.0, metavar="D",
+         help="evaluate and save a moving average of the weights, updated every step with this decay (0: off)")
+    flag("--amp", nargs="?", const="bf16", choices=["off", "bf16", "fp16"], default="off",
+         help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16")
+    flag("--cuda-graph", choices=["auto", "off"], default="off",
+         help="on one GPU, the step captured as a CUDA graph after 3 plain batches and kept if it then makes the "
+              "plain step's update (auto), or the plain step always (off: until the captured step has passed the "
+              "GPU suite, docs/gpus.md)")
+    flag("--pass-patches", type=int, default=None, metavar="N",
+         help="on a CPU, the most patches a forward/backward pass takes, the batch in passes of equal size "
+              "(default: chosen for this CPU, and recorded)")
+
+
+def add_data_flags(flag: Callable[..., None]) -> None:
+    """What a run trains and evaluates on, and how its patches are cut, shrunk and held."""
+    flag("--data-root", default=default_data_root(), help="folder with one folder per set")
+    flag("--train-set", nargs="+", default=["T91"], metavar="SET",
+         help="training set folder(s): names under --data-root, or paths, e.g. T91 ~/photos")
+    flag("--eval-set", default="Set5", help="evaluation set folder")
+    flag("--patch-size", type=int, default=33, help="training patch size")
+    flag("--stride", type=int, default=14, help="patch grid stride")
+    flag("--augment", action="store_true", help="random flips/rotations of each batch")
+    flag("--fresh-crops", action="store_true", help="move the patch grid to a random offset every epoch")
+    flag("--loss-border", type=int, default=0,
+         help="leave this many pixels at each patch edge out of the loss (6: only pixels zero padding cannot reach)")
+    flag("--degradation", choices=[*DEGRADATIONS, "mixed"], default="pil",
+         help="bicubic of the inputs: Pillow's, MATLAB's imresize, or per image one of the two each epoch")
+    flag("--zooms", type=float, nargs="+", default=[1.0], metavar="Z",
+         help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
+    flag("--data-memory", type=byte_size, default="2GB", metavar="SIZE",
+         help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB; "
+              "a larger set is streamed a part at a time")
+    flag("--workers", type=int, default=2, help="processes that read the next part of a streamed set while one trains")
+
+
+def add_network_flags(flag: Callable[..., None]) -> None:
+    """The network's shape (model.Shape) and where its weights start."""
+    flag("--network", type=filter_sizes, default=ASSIGNMENT.name, metavar="F1-F2-F3",
+         help="the three layers' filter sizes, odd, e.g. 9-5-5 or 9-3-5 (the paper's studies)")
+    flag("--widths", type=int, nargs=2, default=list(ASSIGNMENT.widths), metavar=("N1", "N2"),
+         help="the filters of the first two layers, e.g. 128 64")
+    flag("--channels", choices=["rgb", "y"], default="rgb",
+         help="what the network maps: RGB, or the Y channel (BT.601) as the paper's main tables, Cb and Cr "
+              "then taken from the bicubic input")
+    flag("--init", default="default", metavar="{default,identity,CHECKPOINT}",
+         help="starting weights: PyTorch's default, the identity mapping, or a checkpoint's "
+              "(e.g. checkpoint.pth, the x3 model, to train x2 or x4 from)")
+
+
+BYTE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB' -> 2,000,000,000 (KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary; B optional)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?)?B?\s*", text.upper())
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * BYTE_UNITS[match.group(2) or ""])
+
+
+def byte_size(text: str) -> str:
+    """--data-memory's value, kept as written (the checkpoint records it so), checked to be a size."""
+    try:
+        parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, not {text!r}") from None
+    return text
+
+
+def filter_sizes(text: str) -> str:
+    """--network's value: three odd filter sizes joined by '-', as the paper names its networks."""
+    try:
+        return Shape(tuple(int(k) for k in text.split("-"))).name
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three odd filter sizes such as 9-5-5, not {text!r}") from None
+
+
+def check_training_args(args: dict) -> None:
+    """Every training flag within its range, so a bad value ends in one line, not deep in training."""
+    for key in ("batch_size", "num_epoch", "save_freq", "patch_size", "stride"):
+        if args[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
+    if args["scale"] < 2:
+        raise UserError("--scale must be at least 2")
+    if not args["lr"] > 0:
+        raise UserError("--lr must be positive")
+    if args["pass_patches"] is not None and args["pass_patches"] < 1:
+        raise UserError("--pass-patches must be at least 1")
+    if args["workers"] < 0:
+        raise UserError("--workers must be at least 0 (0: read in the training process)")
+    if not 0 <= args["loss_border"] < args["patch_size"] // 2:
+        raise UserError("--loss-border must be at least 0 and less than half the patch size")
+    if not 0 <= args["ema_decay"] < 1:
+        raise UserError("--ema-decay must lie in [0, 1)")
+    if not all(0 < z <= 1 for z in args["zooms"]):
+        raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
+    if not all(n >= 1 for n in args["widths"]):
+        raise UserError("--widths must be at least 1")
+
+
+def recipe_line_to_args(line: str) -> list[str]:
+    """A line of an argument file (`train.py train @recipes/x3.args`) as the shell would split it,
+    '#' to the end of the line a comment."""
+    return shlex.split(line, comments=True)
