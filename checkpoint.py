@@ -60,6 +60,14 @@ def numbered(epoch: int) -> str:
     return f"checkpoint.{epoch}.pth"
 
 
+RUN_FILE = re.compile(r"(last|best|interrupted|checkpoint\.\d+)\.pth")  # LAST, BEST, INTERRUPTED, numbered
+
+
+def run_files(folder: Path) -> list[str]:
+    """The checkpoints a run wrote into `folder`, by name: a new run there would replace them."""
+    return sorted(p.name for p in folder.iterdir() if RUN_FILE.fullmatch(p.name)) if folder.is_dir() else []
+
+
 # ---------------------------------------------------------------- the file
 
 

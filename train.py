@@ -78,8 +78,9 @@ class Trainer:
     Process 0 ("main") alone evaluates, prints and writes checkpoints."""
 
     def __init__(self, args: dict, processes: Processes, resumed: dict | None = None,
-                 init_weights: dict | None = None, command: str | None = None) -> None:
+                 init_weights: dict | None = None, command: str | None = None, replacing: list[str] = ()) -> None:
         self.args, self.processes, self.out_dir = args, processes, Path(args["checkpoint_dir"])
+        self.replacing = list(replacing)  # an earlier run's files (train --overwrite), removed at the first save
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
         model = SRCNN(checkpoint.shape_of_args(args))
@@ -245,6 +246,10 @@ class Trainer:
                                                self.scaler, self.generator)
         for name in names:
             checkpoint.save(state, self.out_dir / name)
+        for name in self.replacing:  # the earlier run's files this run has not written over
+            if name not in names:
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.replacing = []
 
     def save_interrupted(self, signum: int) -> int:
         if self.processes.main:
@@ -284,12 +289,29 @@ def training_folders(args: dict) -> list[Path]:
             for name in checkpoint.training_sets(args)]
 
 
-def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None) -> int:
+def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None,
+        replacing: list[str] = ()) -> int:
     """Train from scratch (from `init_weights` if given) or from the checkpoint `resumed`. Under
     torchrun each process trains on its share of every batch (DDP); a run that fails before its
-    first checkpoint leaves no folder behind."""
+    first checkpoint leaves no folder behind, and an earlier run's files it is `replacing` stay
+    until its first checkpoint is written."""
     with removed_if_left_empty(Path(args["checkpoint_dir"])), Processes.start(args["cuda"], args["batch_size"]) as p:
-        return Trainer(args, p, resumed, init_weights, command).run()
+        return Trainer(args, p, resumed, init_weights, command, replacing).run()
+
+
+def earlier_run(folder: Path, overwrite: bool) -> list[str]:
+    """The checkpoints an earlier run left in `folder`, which a new run would replace: refused in one
+    line, before any work, unless `overwrite`."""
+    held = checkpoint.run_files(folder)
+    if held and not overwrite:
+        latest = checkpoint.INTERRUPTED if checkpoint.INTERRUPTED in held else checkpoint.LAST
+        raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with `python train.py "
+                        f"resume {folder / latest}`, train into another --checkpoint-dir, or add --overwrite to "
+                        "start over and replace it")
+    if held:
+        print(f"note: --overwrite: this run replaces {', '.join(held)} in {folder} at its first save",
+              file=sys.stderr)
+    return held
 
 
 # ---------------------------------------------------------------- command line
@@ -309,6 +331,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     train_parser = command("train", "train a new model")
     add_training_flags(train_parser, resume=False)
+    train_parser.add_argument("--overwrite", action="store_true", help="start over in a --checkpoint-dir that "
+                              "holds a run, replacing its checkpoints at this run's first save (default: refused)")
     resume = command("resume", "continue training from a checkpoint; given flags override saved ones")
     resume.add_argument("checkpoint", help="a checkpoint written by train or resume")
     add_training_flags(resume, resume=True)
@@ -352,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_checkpoint(path, args.sets, args.data_root, args.cuda, args.self_ensemble, args.scale,
                                    args.degradation, args.report)
     if args.command == "train":
-        options = {k: v for k, v in vars(args).items() if k != "command"}
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "overwrite")}
         check_training_args(options)
+        replacing = earlier_run(Path(options["checkpoint_dir"]), args.overwrite)
         init_weights = None
         if options["init"] not in ("default", "identity"):  # a bad --init CHECKPOINT ends here, before any work
             start = checkpoint.load_model(options["init"], torch.device("cpu"))[0]
@@ -361,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--init {options['init']} holds SRCNN {start.shape}; this run trains "
                                 f"{checkpoint.shape_of_args(options)} (--network, --widths, --channels)")
             init_weights = start.state_dict()
-        return fit(options, init_weights=init_weights, command=command)
+        return fit(options, init_weights=init_weights, command=command, replacing=replacing)
     resumed = checkpoint.load(args.checkpoint)
     checkpoint.check_resumable(args.checkpoint, resumed)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
-    options = checkpoint.resume_options(args.checkpoint, resumed, given, vars(train_parser.parse_args([])))
+    defaults = {k: v for k, v in vars(train_parser.parse_args([])).items() if k != "overwrite"}
+    options = checkpoint.resume_options(args.checkpoint, resumed, given, defaults)
     check_training_args(options)
     return fit(options, resumed, command=command)
 

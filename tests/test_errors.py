@@ -163,3 +163,30 @@ def test_a_run_that_fails_before_its_first_save_leaves_no_folder(cli, mini_root,
                  "--checkpoint-dir", str(tmp_path / "runs" / "first"))
     assert_clean_error(result, "broken.png")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_files(cli, mini_root, tmp_path):
+    """Issue 60: `train` into a folder that holds a run (or only its interrupted.pth) ends in one line
+    before any work, every file as it was; --overwrite starts over, says what it replaces, and leaves
+    the new run's files alone, the earlier run's others removed at its first save."""
+    flags = ("--num-epoch", "2", "--batch-size", "8", "--save-freq", "1", "--data-root", str(mini_root))
+    folder = tmp_path / "run"
+    assert cli("train", "train", *flags, "--checkpoint-dir", str(folder)).returncode == 0
+    (folder / "interrupted.pth").write_bytes((folder / "last.pth").read_bytes())
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = cli("train", "train", *flags, "--network", "9-5-5", "--checkpoint-dir", str(folder))
+    assert_clean_error(result, "already holds a run", "resume", str(folder / "interrupted.pth"), "--overwrite")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "interrupted.pth").write_bytes(before["last.pth"])
+    assert_clean_error(cli("train", "train", *flags, "--checkpoint-dir", str(alone)), "already holds a run")
+    assert [p.name for p in alone.iterdir()] == ["interrupted.pth"]
+
+    again = cli("train", "train", *flags[2:], "--num-epoch", "1", "--overwrite", "--checkpoint-dir", str(folder))
+    assert again.returncode == 0, again.stderr
+    assert "replaces best.pth, checkpoint.1.pth, checkpoint.2.pth, interrupted.pth, last.pth" in again.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "checkpoint.1.pth", "last.pth", "notes.txt"]
+    assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 1
+    assert "overwrite" not in torch.load(folder / "last.pth", weights_only=True)["args"]

@@ -71,7 +71,8 @@ for trial in range({trials}):
 
 def test_kill_minus_9_at_random_moments(cli, mini_root, tmp_path):
     out, snapshots = tmp_path / "ck", tmp_path / "snapshots"
-    train_args = ["train", *FAST, "--num-epoch", "10000", "--data-root", str(mini_root), "--checkpoint-dir", str(out)]
+    train_args = ["train", *FAST, "--num-epoch", "10000", "--data-root", str(mini_root), "--checkpoint-dir", str(out),
+                  "--overwrite"]  # a train trial after another's kill starts over in the same folder
     code = KILL_TRIALS.format(root=str(ROOT), out=str(out), trials=10, train_args=train_args,
                               snapshots=str(snapshots))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
