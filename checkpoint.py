@@ -140,24 +140,52 @@ def shape_of(checkpoint: dict, path: str | Path) -> Shape:
 
 
 def network(weights: object, path: str | Path, shape: Shape = ASSIGNMENT) -> SRCNN:
-    """The network of `shape` with `weights` (a state_dict, from `path`), on the CPU; anything else
-    ends in one line naming what is wrong."""
+    """The network of `shape` with `weights` (a state_dict, from `path`), on the CPU, loaded strictly;
+    anything else ends in one line naming what is wrong: keys missing or unexpected, the layer whose
+    weights are not SRCNN's (weights_problem), weights of another shape than `shape`."""
     if not isinstance(weights, dict):
         raise UserError(f"{path}: 'model' entry is not a state_dict")
+    expected = SRCNN(shape).state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path} is not an SRCNN checkpoint: " + "; ".join(
+            f"{what} keys {', '.join(map(str, keys))}" for what, keys in (("missing", missing),
+                                                                         ("unexpected", unexpected)) if keys))
+    problem = weights_problem(weights)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    held = shape_of({"model": weights}, path)
+    if held != shape:
+        raise UserError(f"{path}: its weights are SRCNN {held}, but its arguments say SRCNN {shape}")
     model = SRCNN(shape)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise UserError(f"{path} is not an SRCNN checkpoint: missing keys {', '.join(missing)}")
-    for key, tensor in expected.items():
-        value = weights[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise UserError(f"{path}: '{key}' is not a floating-point tensor")
-        if value.shape != tensor.shape:
-            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, expected {tuple(tensor.shape)} "
-                            f"(SRCNN {shape})")
     model.load_state_dict({k: weights[k].float() for k in expected})
     return model
+
+
+def weights_problem(weights: dict) -> str | None:
+    """What keeps SRCNN's three layers' weights (conv1..conv3, with every key present) from being an
+    SRCNN's, layer by layer: tensors, kernels square and odd, 1 (Y) or 3 (RGB) channels in and the
+    same out, each layer taking the channels the one before gives, biases one per filter; None if nothing."""
+    for i in (1, 2, 3):
+        weight, bias = weights[f"conv{i}.weight"], weights[f"conv{i}.bias"]
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (weight, bias)):
+            return f"conv{i}'s weight and bias must be floating-point tensors"
+        if weight.dim() != 4 or bias.shape != weight.shape[:1]:
+            return (f"conv{i} has a weight of shape {tuple(weight.shape)} and a bias of shape {tuple(bias.shape)}; "
+                    "a convolution's are (filters, channels in, k, k) and (filters,)")
+        k = weight.shape[-2:]
+        if k[0] != k[1] or k[0] % 2 == 0:
+            return f"conv{i} has a {k[0]}x{k[1]} kernel; SRCNN's filters are square with an odd side"
+    first, second, last = (weights[f"conv{i}.weight"] for i in (1, 2, 3))
+    if first.shape[1] not in (1, 3):
+        return f"conv1 takes {first.shape[1]} input channels; SRCNN takes 1 (Y) or 3 (RGB)"
+    if second.shape[1] != first.shape[0]:
+        return f"conv2 takes {second.shape[1]} channels, but conv1 gives {first.shape[0]}"
+    if last.shape[1] != second.shape[0]:
+        return f"conv3 takes {last.shape[1]} channels, but conv2 gives {second.shape[0]}"
+    if last.shape[0] != first.shape[1]:
+        return f"conv3 gives {last.shape[0]} channels, but conv1 takes {first.shape[1]}: the output is the input's kind"
+    return None
 
 
 def scale_of(checkpoint: dict, path: str | Path, given: int | None = None) -> int:

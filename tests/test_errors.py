@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_clean_error, run
-from model import SRCNN
+from model import SRCNN, Shape
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,36 @@ def test_a_new_run_never_replaces_an_earlier_runs_files(cli, mini_root, tmp_path
     assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "checkpoint.1.pth", "last.pth", "notes.txt"]
     assert torch.load(folder / "last.pth", weights_only=True)["epoch"] == 1
     assert "overwrite" not in torch.load(folder / "last.pth", weights_only=True)["args"]
+
+
+def broken_weights(how: str) -> dict:
+    """A 9-5-5 state dict with one thing wrong."""
+    weights = SRCNN(Shape((9, 5, 5))).state_dict()
+    if how == "extra layer":
+        weights |= {"conv4.weight": torch.zeros(3, 3, 5, 5), "conv4.bias": torch.zeros(3)}
+    elif how == "two channels in":
+        weights["conv1.weight"] = torch.zeros(64, 2, 9, 9)
+    elif how == "even kernel":
+        weights["conv2.weight"] = torch.zeros(32, 64, 4, 4)
+    elif how == "widths disagree":
+        weights["conv2.weight"] = torch.zeros(32, 48, 5, 5)
+    elif how == "missing bias":
+        del weights["conv3.bias"]
+    return weights
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("extra layer", ("unexpected keys conv4.bias, conv4.weight",)),
+    ("two channels in", ("conv1 takes 2 input channels", "1 (Y) or 3 (RGB)")),
+    ("even kernel", ("conv2 has a 4x4 kernel", "odd")),
+    ("widths disagree", ("conv2 takes 48 channels, but conv1 gives 64",)),
+    ("missing bias", ("missing keys conv3.bias",)),
+])
+def test_weights_load_strictly_and_errors_name_the_layer(cli, how, words, lr_image, tmp_path):
+    """Issue 60: an extra layer is not dropped silently, and a wrong layer is named, not blamed on conv1."""
+    path = tmp_path / "weights.pth"
+    torch.save(broken_weights(how), path)
+    assert_clean_error(cli("super_resolve", "--checkpoint", str(path), str(lr_image), "--output",
+                           str(tmp_path / "o.png")), *words)
+    assert_clean_error(cli("train", "inspect", str(path)), *words)
+    assert not (tmp_path / "o.png").exists()
