@@ -19,8 +19,9 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
                       the training step it took, in words (recorded since issue 59)
     position          in interrupted.pth only: where the epoch after `epoch` stopped (POSITION_KEYS)
 
-A bare state_dict of the three convolutions (conv1..conv3) is read as an x3 model of the shape its
-weights have: the published weights of other SRCNN ports load as they are.
+A bare state_dict of the three convolutions (conv1..conv3) is read as a model of the shape its
+weights have, at the scale the user gives (--scale), x3 by default: the published weights of other
+SRCNN ports load as they are.
 """
 
 import math
@@ -188,8 +189,18 @@ def weights_problem(weights: dict) -> str | None:
     return None
 
 
+def is_bare(checkpoint: dict) -> bool:
+    """A bare state_dict: weights only, no scale, arguments or history (the ports' published files)."""
+    return "model" not in checkpoint
+
+
 def scale_of(checkpoint: dict, path: str | Path, given: int | None = None) -> int:
-    """The checkpoint's upscaling factor; a `given` one (the user's --scale) must agree with it."""
+    """The checkpoint's upscaling factor; a `given` one (the user's --scale) must agree with it. A bare
+    state_dict records none: it is the `given` one, else DEFAULT_SCALE."""
+    if is_bare(checkpoint):
+        if given is not None and given < 2:
+            raise UserError("--scale must be at least 2")
+        return DEFAULT_SCALE if given is None else given
     saved = checkpoint.get("scale", DEFAULT_SCALE)
     if not isinstance(saved, int) or saved < 2:
         raise UserError(f"{path}: invalid scale {saved!r}")

@@ -33,6 +33,7 @@ def summarize(path: str, state: dict) -> dict:
     history = state.get("history", [])
     return {
         "path": path,
+        "bare": checkpoint.is_bare(state),
         "version": state.get("version"),
         "scale": checkpoint.scale_of(state, path),
         "network": str(checkpoint.shape_of(state, path)),
@@ -48,6 +49,11 @@ def summarize(path: str, state: dict) -> dict:
 
 
 def print_summary(summary: dict, whole_history: bool = False) -> None:
+    if summary["bare"]:
+        print(f"{summary['path']}: SRCNN {summary['network']}, {summary['parameters']:,} parameters: a bare "
+              f"state_dict (weights only, no scale, arguments or history), taken as x{summary['scale']} unless a "
+              "command's --scale says otherwise")
+        return
     print(f"{summary['path']}: SRCNN x{summary['scale']}, {summary['network']}, {summary['parameters']:,} parameters, "
           f"epoch {summary['epoch']}, version {summary['version']}")
     if summary["position"]:

@@ -223,3 +223,17 @@ def test_weights_load_strictly_and_errors_name_the_layer(cli, how, words, lr_ima
                            str(tmp_path / "o.png")), *words)
     assert_clean_error(cli("train", "inspect", str(path)), *words)
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_bare_state_dict_takes_its_scale_from_the_command(cli, weights, lr_image, mini_root, tmp_path):
+    """Issue 60: a bare file records no scale, so --scale 2 is taken, not refused as contradicting x3;
+    `inspect` says what a bare file is instead of "epoch None, version None"."""
+    result = cli("super_resolve", "--checkpoint", str(weights), "--scale", "2", str(lr_image), "--output",
+                 str(tmp_path / "o.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "o.png").size == (24, 20)
+    evaluated = cli("train", "evaluate", str(weights), "--scale", "4", "--data-root", str(mini_root), "--sets", "Set5")
+    assert evaluated.returncode == 0 and f"{weights}: x4" in evaluated.stdout, evaluated.stderr
+    shown = cli("train", "inspect", str(weights)).stdout
+    assert "a bare state_dict" in shown and "taken as x3 unless" in shown and "None" not in shown
+    assert_clean_error(cli("super_resolve", "--checkpoint", str(weights), "--scale", "1", str(lr_image)), "--scale")
