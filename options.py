@@ -70,7 +70,7 @@ def add_data_flags(flag: Callable[..., None]) -> None:
          help="train on every training image shrunk by each factor, e.g. 1 0.9 0.8 0.7 0.6 (1: as it is)")
     flag("--data-memory", type=byte_size, default="2GB", metavar="SIZE",
          help="the most memory the training images may take (8-bit pixels, each zoom a copy), e.g. 500MB or 8GB; "
-              "a larger set is streamed a part at a time")
+              "a larger set is streamed a part at a time; at least what the largest image takes")
     flag("--workers", type=int, default=2, help="processes that read the next part of a streamed set while one trains")
 
 

@@ -80,6 +80,10 @@ class StreamedPatches:
         if len(self.entries) < world:
             raise UserError(f"{len(self.entries)} training images (at every zoom) for {world} processes: "
                             "each process streams images of its own, so use fewer processes")
+        largest = max(3 * width * height * (1 + self.kinds) for width, height in self.sizes)
+        if budget < largest:  # less than one image's worth: no part could hold anything
+            raise UserError(f"--data-memory of {budget / 1e3:,.0f} KB is too little for these training images: "
+                            f"at least {largest / 1e3:,.0f} KB, what the largest of them takes")
         self.budget = budget
         self.loaded: tuple[int, TrainingPatches] | None = None  # the part held now
         self.stream: Iterator | None = None

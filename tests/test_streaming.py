@@ -140,3 +140,12 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], cwd=ROOT, capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split())
     assert before > 1000 and after < before / 20, (before, after)
+
+
+@pytest.mark.parametrize("memory", ["0", "1KB", "30KB"])
+def test_data_memory_below_one_images_worth_ends_in_one_line(cli, mini_root, tmp_path, memory):
+    """Issue 60: 0 and 1KB were accepted ("parts of up to 0 KB"); the 72x72 images take 31 KB each."""
+    result = cli("train", "train", "--data-memory", memory, "--num-epoch", "1", "--data-root", str(mini_root),
+                 "--checkpoint-dir", str(tmp_path / "run"))
+    assert_clean_error(result, "--data-memory", "at least 31 KB")
+    assert not (tmp_path / "run").exists()
