@@ -69,6 +69,18 @@ def run_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if RUN_FILE.fullmatch(p.name)) if folder.is_dir() else []
 
 
+def earlier_run(folder: Path, overwrite: bool) -> list[str]:
+    """The checkpoints an earlier run left in `folder`, which a new run there would replace: refused
+    in one line (before any work) that names the command continuing it, unless `overwrite`."""
+    held = run_files(folder)
+    if held and not overwrite:
+        latest = INTERRUPTED if INTERRUPTED in held else LAST
+        raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with `python train.py "
+                        f"resume {folder / latest}`, train into another --checkpoint-dir, or add --overwrite to "
+                        "start over and replace it")
+    return held
+
+
 # ---------------------------------------------------------------- the file
 
 

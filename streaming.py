@@ -10,6 +10,7 @@ DistributedSampler does, so that all take the same number of steps."""
 
 import bisect
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from data import (
     TrainingPatches,
     degrade,
     image_to_tensor,
+    load_image,
     load_rgb,
     shrink,
     training_images,
@@ -36,6 +38,24 @@ def leave_ctrl_c_to_training(worker: int) -> None:
     """A reading worker ignores Ctrl-C, which the terminal sends to every process of the run: the
     training process then stops at its next check, saving first, and may still read a part."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Decoded(Dataset):
+    """Each image decoded whole and dropped, per item: None, or the one line that says why it cannot
+    be read (a file whose header reads may still be broken further on)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str | None:
+        try:
+            load_image(self.paths[i])
+        except UserError as err:
+            return str(err)
+        return None
 
 
 class Entries(Dataset):
@@ -85,9 +105,22 @@ class StreamedPatches:
             raise UserError(f"--data-memory of {budget / 1e3:,.0f} KB is too little for these training images: "
                             f"at least {largest / 1e3:,.0f} KB, what the largest of them takes")
         self.budget = budget
+        self.checked = self.check_images()
         self.loaded: tuple[int, TrainingPatches] | None = None  # the part held now
         self.stream: Iterator | None = None
         self.new_epoch(torch.Generator().manual_seed(0), move_grid=False)
+
+    def check_images(self) -> tuple[int, float]:
+        """Decode every image of this process's share once, in the workers, an image at a time each,
+        before any training: a broken file ends the run here in one line, not hours into an epoch.
+        (images checked, seconds taken)."""
+        start = time.perf_counter()
+        paths = list(dict.fromkeys(path for path, _ in self.entries))[self.rank::self.world]
+        for problem in DataLoader(Decoded(paths), batch_size=None, num_workers=self.workers,
+                                  worker_init_fn=leave_ctrl_c_to_training):
+            if problem is not None:
+                raise UserError(f"{problem}; found in a check of every training image before training")
+        return len(paths), time.perf_counter() - start
 
     def grid(self, size: tuple[int, int], offset: int) -> int:
         """How many patches the grid at `offset` lays in an image of `size`, as TrainingPatches.place does."""

@@ -7,6 +7,7 @@ import argparse
 import glob
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -18,23 +19,51 @@ from data import DEGRADATIONS, IMAGE_SUFFIXES, image_to_tensor, load_image, modc
 from files import check_writable
 from inference import Network, super_resolve_image
 from metrics import psnr, ssim
+from model import ASSIGNMENT, Shape
 from onnx_engine import ENGINES, engine_for, export_onnx
 from utils import HelpFormatter, UserError, choose_device, run_cli
 
 
-def output_path(input_path: Path, output: str | None, scale: int, many: bool) -> Path:
-    default_name = f"{input_path.stem}_srcnn_x{scale}.png"
+def model_tag(shape: Shape) -> str:
+    """What output names add for a network other than the assignment's: its filter sizes, Y and widths
+    (photo_srcnn955y_x3.png), so that the quick start's two models leave two results."""
+    if shape == ASSIGNMENT:
+        return ""
+    widths = "" if shape.widths == ASSIGNMENT.widths else f"w{shape.widths[0]}-{shape.widths[1]}"
+    return shape.name.replace("-", "") + ("y" if shape.channels == 1 else "") + widths
+
+
+def output_path(input_path: Path, output: str | None, name: str, many: bool) -> Path:
     if output is None:
-        return input_path.with_name(default_name)
+        return input_path.with_name(name)
     out = Path(output)
     if many or out.is_dir() or output.endswith(("/", "\\")):
-        return out / default_name
+        return out / name
     return out
 
 
+def output_paths(files: list[Path], output: str | None, tag: str, scale: int, many: bool) -> list[Path]:
+    """Where each input's result goes: <stem>_srcnn<tag>_x<scale>.png beside it or in --output's folder;
+    inputs whose names differ only by their suffix (x.tiff, x.webp) keep it (x_tiff_srcnn_x3.png).
+    Two results never go to one path: any left refused in one line, before any work."""
+    def named(path: Path, stem: str) -> Path:
+        return output_path(path, output, f"{stem}_srcnn{tag}_x{scale}.png", many)
+
+    dests = [named(path, path.stem) for path in files]
+    counts = Counter(dests)
+    dests = [named(path, path.stem + "_" + path.suffix.lstrip(".")) if counts[dest] > 1 else dest
+             for path, dest in zip(files, dests, strict=True)]
+    for dest, count in Counter(dests).items():
+        if count > 1:
+            sources = [str(path) for path, d in zip(files, dests, strict=True) if d == dest]
+            raise UserError(f"{' and '.join(sources[:2])} would both be written to {dest}; run them separately "
+                            "or give each its own --output")
+    return dests
+
+
 def is_our_output(path: Path) -> bool:
-    """Named as this tool names its outputs (<stem>_srcnn_x<scale>.<ext>)."""
-    return re.search(r"_srcnn_x\d+$", path.stem) is not None
+    """Named as this tool names its outputs (<stem>_srcnn[tag]_x<scale>.<ext>)."""
+    return re.search(r"_srcnn[0-9a-z-]*_x\d+$", path.stem) is not None
 
 
 def expand_inputs(names: list[str]) -> list[Path]:
@@ -114,9 +143,10 @@ def super_resolve_file(network: Network, source: Path, dest: Path, scale: int, a
     """Upscale one file; every argument that depends on the image is checked before any work."""
     if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
         raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
-    check_writable(dest, "output")
-    if args.compare:
-        check_writable(Path(args.compare), "comparison")
+    for path, role in ((dest, "output"), *([(Path(args.compare), "comparison")] if args.compare else [])):
+        if path.exists() and not args.overwrite:  # not this run's: each of its results has a path of its own
+            raise UserError(f"{role} {path} exists already; pass --overwrite to replace it, or choose another path")
+        check_writable(path, role)
     lr = load_image(source)
     size = (lr.width * scale, lr.height * scale)
     hr = load_ground_truth(args.gt, size, scale) if args.gt else None
@@ -150,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "models/srcnn_x4.pth, ...)")
     parser.add_argument("--model", choices=SHIPPED_NETWORKS, help=MODEL_HELP)
     parser.add_argument("--output", help="output file, or folder for several inputs "
-                        "(default: <stem>_srcnn_x<scale>.png beside each input)")
+                        "(default: <stem>_srcnn_x<scale>.png beside each input; another network than the "
+                        "assignment's adds its name, e.g. <stem>_srcnn955y_x3.png)")
     parser.add_argument("--gt", metavar="HR",
                         help="high-resolution ground truth: print PSNR/SSIM of SRCNN and bicubic (default: none)")
     parser.add_argument("--compare", metavar="PATH",
@@ -162,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the bicubic upscale before the network: Pillow's, or MATLAB's imresize")
     parser.add_argument("--scale", type=int, help="upscaling factor: without --checkpoint it picks the shipped "
                         "model, with one it must agree (default: the checkpoint's, or 3)")
-    parser.add_argument("--overwrite", action="store_true", help="allow the output to replace an input file")
+    parser.add_argument("--overwrite", action="store_true", help="let outputs replace files that exist, an input "
+                        "included (default: such an image is refused and left as it is)")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="what runs the network: auto is ONNX "
                         "Runtime (1.21 or later) on the CPU when installed (2.5-3x as fast), else PyTorch")
@@ -193,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     device = choose_device(args.cuda)
     model, scale, _ = load_model(checkpoint, device, args.scale)
     network = engine_for(model, args.engine)
+    dests = output_paths(files, args.output, model_tag(model.shape), scale, many)
     if not many:
-        super_resolve_file(network, files[0], output_path(files[0], args.output, scale, many), scale, args)
+        super_resolve_file(network, files[0], dests[0], scale, args)
         return 0
     failed = 0
-    for source in tqdm(files, desc="super-resolve", unit="image", file=sys.stderr):
+    for source, dest in tqdm(list(zip(files, dests, strict=True)), desc="super-resolve", unit="image",
+                             file=sys.stderr):
         try:
-            super_resolve_file(network, source, output_path(source, args.output, scale, many), scale, args)
+            super_resolve_file(network, source, dest, scale, args)
         except UserError as err:
             failed += 1
             tqdm.write(f"warning: skipped {source}: {err}", file=sys.stderr)

@@ -193,7 +193,12 @@ class Trainer:
         with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
                   file=sys.stderr, disable=not processes.main) as bar:
             for i in range(position["batch"], len(batches)):
-                loss_sum += self.run_batch(batches[i], int(transforms[i]), progress.epoch + i / len(batches))
+                try:
+                    loss_sum += self.run_batch(batches[i], int(transforms[i]), progress.epoch + i / len(batches))
+                except UserError:  # a streamed image unreadable now: where the epoch stands is saved first
+                    self.stopped_at(epoch_start, i, len(batches), float(loss_sum), time.perf_counter() - start)
+                    self.save_interrupted(0)
+                    raise
                 bar.update()
                 done, seconds = i + 1, time.perf_counter() - start
                 if done % CHECK_EVERY == 0 or done == len(batches):
@@ -201,14 +206,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
                                     patches_s=f"{done * args['batch_size'] / seconds:.0f}")
                     if signum and done < len(batches):
-                        self.generator.set_state(epoch_start)
-                        progress.position = {"batch": done, "batches": len(batches), "loss_sum": total,
-                                             "seconds": seconds}
+                        self.stopped_at(epoch_start, done, len(batches), total, seconds)
                         return None, signum
         progress.position = None
         record = {"loss": total / len(self.patches), "seconds": seconds, "patches_per_s": len(self.patches) / seconds,
                   "lr": learning_rate(args, progress.epoch + (len(batches) - 1) / len(batches))}  # the last batch's
         return record, signum
+
+    def stopped_at(self, epoch_start: torch.Tensor, done: int, batches: int, loss_sum: float, seconds: float) -> None:
+        """Stop mid-epoch after `done` batches; the generator back at the epoch's start for resume to replay."""
+        self.generator.set_state(epoch_start)
+        self.progress.position = {"batch": done, "batches": batches, "loss_sum": loss_sum, "seconds": seconds}
 
     def check(self, loss_sum: torch.Tensor, stop: StopRequest, done: int) -> tuple[float, int | None]:
         """(the epoch's loss sum so far over all processes, the stop signal they agreed on); a loss that
@@ -269,12 +277,13 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | Strea
     if needed <= budget:  # all at once: the same batches as ever
         patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
                                   args["zooms"], processes.device, args["degradation"])
-    else:  # a part at a time, each process its own share
-        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory "
-                      f"{args['data_memory']}: streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process")
+    else:  # a part at a time, each process its own share, every image checked first
         patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
                                   processes.device, args["degradation"], budget, args["workers"],
                                   processes.rank, processes.world)
+        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory {args['data_memory']}"
+                      f": streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process; its {patches.checked[0]}"
+                      f" images read whole in {patches.checked[1]:.1f} s to check them")
     if not processes.main:
         return patches, []
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
@@ -297,21 +306,6 @@ def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = Non
     until its first checkpoint is written."""
     with removed_if_left_empty(Path(args["checkpoint_dir"])), Processes.start(args["cuda"], args["batch_size"]) as p:
         return Trainer(args, p, resumed, init_weights, command, replacing).run()
-
-
-def earlier_run(folder: Path, overwrite: bool) -> list[str]:
-    """The checkpoints an earlier run left in `folder`, which a new run would replace: refused in one
-    line, before any work, unless `overwrite`."""
-    held = checkpoint.run_files(folder)
-    if held and not overwrite:
-        latest = checkpoint.INTERRUPTED if checkpoint.INTERRUPTED in held else checkpoint.LAST
-        raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with `python train.py "
-                        f"resume {folder / latest}`, train into another --checkpoint-dir, or add --overwrite to "
-                        "start over and replace it")
-    if held:
-        print(f"note: --overwrite: this run replaces {', '.join(held)} in {folder} at its first save",
-              file=sys.stderr)
-    return held
 
 
 # ---------------------------------------------------------------- command line
@@ -378,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k not in ("command", "overwrite")}
         check_training_args(options)
-        replacing = earlier_run(Path(options["checkpoint_dir"]), args.overwrite)
+        replacing = checkpoint.earlier_run(Path(options["checkpoint_dir"]), args.overwrite)
+        if replacing:
+            say = f"note: --overwrite: this run replaces {', '.join(replacing)} in {options['checkpoint_dir']}"
+            print(say + " at its first save", file=sys.stderr)
         init_weights = None
         if options["init"] not in ("default", "identity"):  # a bad --init CHECKPOINT ends here, before any work
             start = checkpoint.load_model(options["init"], torch.device("cpu"))[0]

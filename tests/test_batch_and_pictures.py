@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_clean_error
+from conftest import ROOT, assert_clean_error
 from data import downscale
-from model import SRCNN
+from model import SRCNN, Shape
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_compare_picture_with_ground_truth_and_crop(cli, weights, mini_root, tmp
     assert Image.open(tmp_path / "cmp.png").size == (3 * 60 + 2 * 8, 60 + 28)  # three 60x60 panels, captions
     assert result.stdout.count("PSNR") == 2
 
-    result = cli("super_resolve", *args, "--compare", str(tmp_path / "zoom.png"), "--crop", "10,20,16,8")
+    result = cli("super_resolve", *args, "--compare", str(tmp_path / "zoom.png"), "--crop", "10,20,16,8", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "zoom.png").size == (3 * 16 * 20 + 2 * 8, 8 * 20 + 28)  # zoomed x20
 
@@ -54,9 +54,9 @@ def test_a_second_run_on_a_folder_skips_the_first_runs_outputs(cli, weights, tmp
     Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / "a.png")
     assert cli("super_resolve", "--checkpoint", str(weights), str(tmp_path)).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_srcnn_x3.png"]
-    again = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path))
+    again = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path), "--overwrite")
     assert again.returncode == 0 and again.stderr.count("skipping 1 earlier output") == 1
-    globbed = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "*.png"))
+    globbed = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "*.png"), "--overwrite")
     assert globbed.returncode == 0 and "skipping 1 earlier output" in globbed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_srcnn_x3.png"]
     named = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "a_srcnn_x3.png"))
@@ -82,3 +82,40 @@ def test_a_crop_outside_the_output_is_refused_before_any_work(cli, weights, tmp_
                  "--compare", str(tmp_path / "cmp.png"), "--crop", "50,50,20,20")
     assert_clean_error(result, "outside the 60x60 output")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png"]
+
+
+def test_no_result_replaces_another_or_a_file_this_run_did_not_write(cli, weights, tmp_path):
+    """Issue 60: x.tiff and x.webp in one folder gave one x_srcnn_x3.png ("8 written", 7 on disk); a
+    second run replaced the first's results. Now each input has a path of its own, an existing file
+    is refused (left as it is, exit 1) unless --overwrite, and another network's results have their own
+    names (the quick start's default and 9-5-5 models)."""
+    for suffix in ("tiff", "webp", "png"):
+        Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / f"x.{suffix}")
+    first = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path))
+    assert first.returncode == 0 and "3 image(s) written" in first.stderr, first.stderr
+    written = sorted(p.name for p in tmp_path.iterdir() if "_srcnn" in p.name)
+    assert written == ["x_png_srcnn_x3.png", "x_tiff_srcnn_x3.png", "x_webp_srcnn_x3.png"]
+    before = {name: (tmp_path / name).read_bytes() for name in written}
+    again = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), str(tmp_path))
+    assert again.returncode == 1 and "0 image(s) written, 3 failed" in again.stderr
+    assert "exists already; pass --overwrite" in again.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in written} == before
+    single = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "x.png"), "--output",
+                 str(tmp_path / "x_png_srcnn_x3.png"))
+    assert_clean_error(single, "exists already", "--overwrite")
+    nine = SRCNN(Shape((9, 5, 5), channels=1))
+    torch.save(nine.state_dict(), tmp_path / "955y.pth")
+    other = cli("super_resolve", "--checkpoint", str(tmp_path / "955y.pth"), str(tmp_path / "x.png"))
+    assert other.returncode == 0 and (tmp_path / "x_srcnn955y_x3.png").exists()
+    replaced = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path), "--overwrite")
+    assert replaced.returncode == 0 and "skipping 4 earlier output" in replaced.stderr
+
+
+def test_inputs_that_would_share_an_output_are_refused_before_any_work(cli, weights, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / folder / "x.png")
+    result = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "a" / "x.png"),
+                 str(tmp_path / "b" / "x.png"), "--output", str(tmp_path / "out"))
+    assert_clean_error(result, "would both be written to", str(tmp_path / "out" / "x_png_srcnn_x3.png"))
+    assert not (tmp_path / "out").exists()

@@ -79,8 +79,9 @@ def test_checkpoint_of_another_scale(cli, tmp_path):
 # ---------------------------------------------------------------- images
 
 
-def super_resolve(cli, weights, path, tmp_path):
-    return cli("super_resolve", "--checkpoint", str(weights), str(path), "--output", str(tmp_path / "out.png"))
+def super_resolve(cli, weights, path, tmp_path):  # into one path each time, replaced on purpose (hypothesis)
+    return cli("super_resolve", "--checkpoint", str(weights), str(path), "--output", str(tmp_path / "out.png"),
+               "--overwrite")
 
 
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".jpg"])

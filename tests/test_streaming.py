@@ -63,6 +63,7 @@ def train(mini_root, out, *flags) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "streamed in parts of up to 20 KB" in result.stderr, result.stderr  # not held whole
+    assert "its 2 images read whole in" in result.stderr, result.stderr  # and checked first
     return torch.load(out / "last.pth", weights_only=True)
 
 
@@ -104,8 +105,35 @@ def test_an_image_broken_after_its_header_ends_a_streamed_run_in_one_line_and_ke
     broken = sorted((root / "T91").iterdir())[1]
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # the header reads, the pixels do not
     result = cli("train", "resume", str(out / "last.pth"), "--num-epoch", "2")
-    assert_clean_error(result, str(broken), "broken image file")
+    assert_clean_error(result, str(broken), "broken image file", "before training")  # found by the check
+    assert "epoch 2" not in result.stderr  # no step taken
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_image_unreadable_mid_epoch_saves_where_the_epoch_stands_first(cli, mini_root, tmp_path, monkeypatch):
+    """Issue 60: an image that passed the check and fails when its part is read (changed on disk
+    since) ends the run in one line, after writing interrupted.pth, which resumes to the end."""
+    import streaming
+
+    out, reads = tmp_path / "run", []
+    readable = streaming.Entries.__getitem__
+
+    def second_part_fails(self, i):
+        reads.append(i)
+        return "scene2.png: broken image file (changed since)" if len(reads) == 2 else readable(self, i)
+
+    monkeypatch.setattr(streaming.Entries, "__getitem__", second_part_fails)
+    flags = ("--batch-size", "2", "--stride", "6", "--data-memory", "40KB", "--workers", "0", "--num-epoch", "1",
+             "--data-root", str(mini_root), "--checkpoint-dir", str(out))
+    result = cli("train", "train", *flags)
+    assert_clean_error(result, "broken image file (changed since)")
+    assert f"interrupted: saved {out / 'interrupted.pth'}" in result.stderr
+    state = torch.load(out / "interrupted.pth", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["position"]["batch"] < state["position"]["batches"]
+    monkeypatch.setattr(streaming.Entries, "__getitem__", readable)
+    resumed = cli("train", "resume", str(out / "interrupted.pth"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
 
 
 FAULTS_PER_STEP = """
