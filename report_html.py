@@ -24,7 +24,7 @@ LABELS = {"lr": "LR input", "bicubic": "bicubic", "srcnn": "SRCNN", "x8": "SRCNN
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; padding: 0 12px 48px; max-width: 1240px; color: #222; }
-h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: .3em; }
+h1 { font-size: 1.5em; overflow-wrap: anywhere; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: .3em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 3px 10px; text-align: right; border-bottom: 1px solid #eee; white-space: nowrap; }
@@ -46,6 +46,7 @@ tfoot td, tfoot th { font-weight: bold; border-top: 2px solid #999; }
 .crops figure { margin: 0; } .crops img { image-rendering: pixelated; max-width: 100%; }
 figcaption { font-size: .85em; color: #555; }
 code { overflow-wrap: anywhere; }
+table.args td:last-child { white-space: normal; overflow-wrap: anywhere; text-align: left; }  /* long paths wrap */
 """
 
 SCRIPT = """
@@ -190,11 +191,12 @@ def recipe_section(summary: dict, curve: str | None) -> str:
     """The checkpoint's training arguments, recorded commands and (when it has a history) its curve."""
     args = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in sorted(summary["args"].items()))
-    commands = "".join(f"<li>from epoch {run['epoch']}: <code>{html.escape(run['command'])}</code></li>"
+    commands = "".join(f"<li>from epoch {run['epoch']}: <code>{html.escape(run['command'])}</code>"
+                       + (f"<br>{html.escape(run['step'])}" if run.get("step") else "") + "</li>"
                        for run in summary["commands"])
     parts = ["<h2 id=recipe>Recipe</h2>"]
     if args:
-        parts.append(f'<div class="scroll"><table><tbody>{args}</tbody></table></div>')
+        parts.append(f'<div class="scroll"><table class="args"><tbody>{args}</tbody></table></div>')
     parts.append(f"<ol>{commands}</ol>" if commands else "<p>No training commands are recorded.</p>")
     if curve:
         parts.append(f'<img src="{curve}" alt="training curves: loss and PSNR per epoch" style="max-width:100%">')

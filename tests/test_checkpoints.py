@@ -2,8 +2,10 @@
 missing), and the whole training state, the fp16 loss scale included."""
 
 import copy
+import os
 from unittest.mock import MagicMock
 
+import pytest
 import torch
 
 import checkpoint
@@ -53,3 +55,24 @@ def test_a_run_is_restored_from_its_checkpoint_whole(tmp_path):
                                                      strict=True))
     assert fresh[2].state_dict()["state"][0]["step"] == 1 and fresh[3].get_scale() == 256.0
     assert torch.equal(fresh[4].get_state(), generator.get_state())
+
+
+def test_the_atomic_writer_renames_a_new_file_over_the_old_never_writes_into_it(tmp_path):
+    """Issue 60: pinned by behaviour, not by a kill test's timing. A hard link to the old file still
+    holds the old bytes after a save (the old file was never written into), the path holds the new
+    ones, and a write that fails leaves the old file and no temporary one."""
+    from files import atomic_write
+
+    path = tmp_path / "last.pth"
+    with atomic_write(path) as f:
+        f.write(b"old run")
+    os.link(path, tmp_path / "held")
+    with atomic_write(path) as f:
+        f.write(b"new run, longer")
+    assert (tmp_path / "held").read_bytes() == b"old run" and path.read_bytes() == b"new run, longer"
+    assert os.stat(path).st_ino != os.stat(tmp_path / "held").st_ino
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write(b"half")
+        raise RuntimeError("the writer failed midway")
+    assert path.read_bytes() == b"new run, longer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "last.pth"]

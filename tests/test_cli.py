@@ -2,6 +2,7 @@
 else in this one (the `cli` fixture), which saves each call the start-up of torch."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -225,3 +226,13 @@ def test_the_warm_up_rises_to_the_learning_rate_and_never_above():
     assert all(a <= b for a, b in zip(rates, rates[1:], strict=False))
     cosine = [learning_rate({**args, "lr_decay": "cosine"}, step / 100) for step in range(1000)]
     assert max(cosine) <= 1e-3 and cosine[-1] >= 1e-6
+
+
+def test_the_cosine_schedule_is_pinned_at_its_middle_and_end_and_never_rises_after_the_warm_up():
+    """Issue 60: a schedule run as cos(2 pi t), back to --lr at the end, had passed the bounds above."""
+    args = {"lr": 1e-3, "lr_decay": "cosine", "warmup": 1.0, "num_epoch": 10, "min_lr": 1e-5}
+    assert learning_rate(args, 5.0) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
+    assert learning_rate(args, 10.0) == pytest.approx(1e-5, rel=1e-12)
+    assert learning_rate(args, 2.5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+    after = [learning_rate(args, 1 + step / 100) for step in range(901)]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False)) and after[0] < 1e-3

@@ -21,14 +21,16 @@ CHROMIUM = os.environ.get("SRCNN_CHROMIUM") or shutil.which("chromium") or shuti
 
 @pytest.fixture(scope="module")
 def report(mini_root, tmp_path_factory):
-    """A checkpoint with a history (one epoch on the tiny data root), and its report with the x8 column."""
+    """A checkpoint with a history (one epoch on the tiny data root), and its report with the x8 column.
+    Its folder's path is long whatever the temporary folder's (issue 60): the page must wrap it."""
     out = tmp_path_factory.mktemp("report")
+    run_folder = out / ("a_checkpoint_folder_whose_name_is_longer_than_a_phone_screen_is_wide_" * 3) / "run"
     assert train.main(["train", "--num-epoch", "1", "--batch-size", "8", "--data-root", str(mini_root),
-                       "--checkpoint-dir", str(out / "run")]) == 0  # in this process: no start-up of torch
-    result = run("train.py", "evaluate", str(out / "run" / "last.pth"), "--data-root", str(mini_root),
+                       "--checkpoint-dir", str(run_folder)]) == 0  # in this process: no start-up of torch
+    result = run("train.py", "evaluate", str(run_folder / "last.pth"), "--data-root", str(mini_root),
                  "--sets", "Set5", "--self-ensemble", "--report", str(out / "page"))
     assert result.returncode == 0, result.stderr
-    return out / "run" / "last.pth", out / "page", result.stdout
+    return run_folder / "last.pth", out / "page", result.stdout
 
 
 @pytest.fixture(scope="module")
