@@ -64,3 +64,30 @@ def test_the_pages_show_commands_and_links_to_check():
     assert len(PAGES) >= 8
     shown = {arg for page in PAGES for command in commands(page) for arg in command if arg.startswith("@")}
     assert shown >= {f"@recipes/{recipe.name}" for recipe in (ROOT / "recipes").iterdir()}  # each recipe, as run
+
+
+def flag_tables(page) -> dict[str, set[str]]:
+    """Each flag table of a page (a table whose header's first cell is "flag" or "option"), by the
+    heading of the section it lies in: the flags its rows' first cells name."""
+    tables, heading, table = {}, None, None
+    for line in page.read_text().splitlines():
+        if line.startswith("## "):
+            heading = line
+        if re.match(r"\| (flag|option) \|", line):
+            table = tables.setdefault(heading, set())
+        elif line.startswith("|") and table is not None:
+            table |= set(re.findall(r"`(--[\w-]+)", line.split("|")[1]))
+        else:
+            table = None
+    return tables
+
+
+def test_commands_md_flag_tables_name_every_flag_of_help():
+    """Issue 60: the train table had lost two rows into a paragraph and never listed --pass-patches."""
+    parsers = {"train.py train": train.build_parser()[1], "super_resolve.py": super_resolve.build_parser()}
+    tables = flag_tables(ROOT / "docs" / "commands.md")
+    for name, parser in parsers.items():
+        section = next(heading for heading in tables if name in heading)
+        flags = {option for action in parser._actions for option in action.option_strings
+                 if option.startswith("--") and option not in ("--help", "--version")}
+        assert tables[section] == flags, (name, sorted(flags - tables[section]), sorted(tables[section] - flags))

@@ -1,11 +1,13 @@
 """ONNX: the export, a model that onnxruntime runs at any size giving what the network gives; and
 ONNX Runtime as the engine of the inference path on the CPU."""
 
+import re
+
 import numpy as np
 import onnxruntime
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from checkpoint import load_model
 from conftest import ROOT, assert_clean_error
@@ -85,3 +87,18 @@ def test_an_onnx_runtime_too_old_for_the_graph_is_left_to_pytorch(monkeypatch):
         engine_for(model, "onnxruntime")
     monkeypatch.setattr(onnxruntime, "__version__", "1.21.0")
     assert isinstance(engine_for(model), OnnxRuntimeNetwork)
+
+
+@pytest.mark.parametrize("model", ["915", "955"])
+def test_the_deploy_pages_onnx_snippets_give_super_resolves_output(cli, tmp_path, monkeypatch, model):
+    """docs/deploy.md's code, run as written on an exported RGB and Y model (issue 60: its one RGB
+    snippet failed on a Y model's N x 1 x H x W input): within one 8-bit level of super_resolve.py."""
+    monkeypatch.chdir(tmp_path)
+    Image.effect_noise((30, 24), 60).convert("RGB").filter(ImageFilter.SMOOTH).save("lr.png")
+    assert cli("super_resolve", "--model", model, "--export", "srcnn.onnx").returncode == 0
+    assert cli("super_resolve", "--model", model, "lr.png", "--output", "ref.png", "--engine", "torch").returncode == 0
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "deploy.md").read_text(), flags=re.DOTALL)
+    rgb = next(block for block in blocks if "InferenceSession" in block)
+    exec(rgb if model == "915" else rgb.split("y = session.run")[0] + next(b for b in blocks if "y_in" in b), {})
+    difference = np.abs(np.asarray(Image.open("sr.png"), dtype=int) - np.asarray(Image.open("ref.png"), dtype=int))
+    assert difference.max() <= 1
