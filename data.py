@@ -4,6 +4,7 @@ and up), the evaluation pairs and the training patches.
 Run `python data.py download` to fetch the data sets listed in datasets.tsv (download.py).
 """
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,6 +219,21 @@ def list_images(folder: str | Path) -> list[Path]:
     if not images:
         raise UserError(f"no images in {folder} ({fix_hint(folder)})")
     return images
+
+
+def shared_images(folders: Sequence[Path], other: Path) -> list[Path]:
+    """The images of `folders` whose bytes are also an image of `other` (training on the evaluation
+    set, say); only files of the size of one of `other`'s are read."""
+    if not other.is_dir():
+        return []
+
+    def digest(path: Path) -> tuple[int, bytes]:
+        return path.stat().st_size, hashlib.sha256(path.read_bytes()).digest()
+
+    theirs = {digest(path) for path in list_images(other)}
+    sizes = {size for size, _ in theirs}
+    return [path for folder in folders for path in list_images(folder)
+            if path.stat().st_size in sizes and digest(path) in theirs]
 
 
 def fix_hint(folder: Path) -> str:

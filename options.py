@@ -5,7 +5,9 @@ import argparse
 import re
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 
+from checkpoint import training_sets
 from data import DEGRADATIONS
 from download import default_data_root
 from model import ASSIGNMENT, Shape
@@ -143,3 +145,16 @@ def recipe_line_to_args(line: str) -> list[str]:
     """A line of an argument file (`train.py train @recipes/x3.args`) as the shell would split it,
     '#' to the end of the line a comment."""
     return shlex.split(line, comments=True)
+
+
+def training_folders(args: dict) -> list[Path]:
+    """The --train-set folders: each a name under --data-root, or else a path to a folder; one named
+    twice (by name or by path) ends in one line, since its patches would count twice."""
+    root = Path(args["data_root"])
+    folders = [root / name if (root / name).is_dir() or not Path(name).is_dir() else Path(name)
+               for name in training_sets(args)]
+    resolved = [folder.resolve() for folder in folders]
+    if len(set(resolved)) < len(resolved):
+        twice = next(folder for folder, path in zip(folders, resolved, strict=True) if resolved.count(path) > 1)
+        raise UserError(f"--train-set names {twice} twice; each folder's patches would count twice")
+    return folders

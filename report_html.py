@@ -24,7 +24,8 @@ LABELS = {"lr": "LR input", "bicubic": "bicubic", "srcnn": "SRCNN", "x8": "SRCNN
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; padding: 0 12px 48px; max-width: 1240px; color: #222; }
-h1 { font-size: 1.5em; overflow-wrap: anywhere; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: .3em; }
+h1 { font-size: 1.5em; overflow-wrap: anywhere; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-bottom: .3em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 3px 10px; text-align: right; border-bottom: 1px solid #eee; white-space: nowrap; }

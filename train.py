@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 import checkpoint
 import info
-from data import DEGRADATIONS, ImagePairs, TrainingPatches, held_bytes
+from data import DEGRADATIONS, ImagePairs, TrainingPatches, held_bytes, shared_images
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
 from metrics import evaluate
 from model import SRCNN, init_identity_
-from options import add_training_flags, check_training_args, parse_bytes, recipe_line_to_args
+from options import add_training_flags, check_training_args, parse_bytes, recipe_line_to_args, training_folders
 from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
 from step import (
@@ -286,16 +286,11 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | Strea
                       f" images read whole in {patches.checked[1]:.1f} s to check them")
     if not processes.main:
         return patches, []
+    if shared := shared_images(folders, root / args["eval_set"]):
+        processes.say(f"note: {len(shared)} training image(s) are also in the evaluation set, e.g. {shared[0]}")
     writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
     evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
     return patches, ImagePairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
-
-
-def training_folders(args: dict) -> list[Path]:
-    """The --train-set folders: each a name under --data-root, or else a path to a folder."""
-    root = Path(args["data_root"])
-    return [root / name if (root / name).is_dir() or not Path(name).is_dir() else Path(name)
-            for name in checkpoint.training_sets(args)]
 
 
 def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None,

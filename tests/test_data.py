@@ -275,6 +275,24 @@ def test_several_training_folders_by_name_or_path(cli, mini_root, tmp_path):
     missing = cli("train", "train", "--train-set", "T91", "Nowhere", "--data-root", str(mini_root),
                   "--checkpoint-dir", str(tmp_path / "none"))
     assert_clean_error(missing, "Nowhere")
+    assert "also in the evaluation set" not in result.stderr
+
+
+def test_a_folder_named_twice_is_refused_and_training_on_evaluation_images_is_said(cli, mini_root, tmp_path):
+    """Issue 60: --train-set Set5 Set5 doubled the patches silently; training on the evaluation set
+    gave no note. A folder named twice, by name or by path, ends in one line before any work."""
+    for twice in (["T91", "T91"], ["T91", str(mini_root / "T91")]):
+        result = cli("train", "train", "--train-set", *twice, "--data-root", str(mini_root),
+                     "--checkpoint-dir", str(tmp_path / "twice"))
+        assert_clean_error(result, "names", "twice")
+        assert not (tmp_path / "twice").exists()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "renamed.png").write_bytes((mini_root / "Set5" / "scene3.png").read_bytes())
+    result = cli("train", "train", "--train-set", "T91", str(copy), "--data-root", str(mini_root), "--num-epoch",
+                 "1", "--batch-size", "9", "--checkpoint-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert f"note: 1 training image(s) are also in the evaluation set, e.g. {copy / 'renamed.png'}" in result.stderr
 
 
 def test_the_memory_the_training_images_take_is_counted_from_their_headers(cli, mini_root):
