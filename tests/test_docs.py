@@ -91,3 +91,14 @@ def test_commands_md_flag_tables_name_every_flag_of_help():
         flags = {option for action in parser._actions for option in action.option_strings
                  if option.startswith("--") and option not in ("--help", "--version")}
         assert tables[section] == flags, (name, sorted(flags - tables[section]), sorted(tables[section] - flags))
+
+
+def test_the_readme_stays_short_and_the_runtime_needs_no_test_tools():
+    """The README under 10,000 characters (the rest in docs/); requirements.txt is what upscaling and
+    training need, requirements-dev.txt (the README's one install) adds the test and CI tools to it."""
+    assert len((ROOT / "README.md").read_text()) < 10_000
+    runtime = (ROOT / "requirements.txt").read_text()
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in dev and "pip install -r requirements-dev.txt" in (ROOT / "README.md").read_text()
+    for tool in ("pytest", "ruff", "playwright", "hypothesis"):
+        assert tool not in runtime and tool in dev
