@@ -169,7 +169,9 @@ def network(weights: object, path: str | Path, shape: Shape = ASSIGNMENT) -> SRC
         raise UserError(f"{path}: {problem}")
     held = shape_of({"model": weights}, path)
     if held != shape:
-        raise UserError(f"{path}: its weights are SRCNN {held}, but its arguments say SRCNN {shape}")
+        key = next(k for k, t in expected.items() if t.shape != weights[k].shape)
+        raise UserError(f"{path}: its weights are SRCNN {held}, but its arguments say SRCNN {shape} ({key} has shape "
+                        f"{tuple(weights[key].shape)}, where the arguments' network has {tuple(expected[key].shape)})")
     model = SRCNN(shape)
     model.load_state_dict({k: weights[k].float() for k in expected})
     return model
