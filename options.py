@@ -44,7 +44,9 @@ def add_run_flags(flag: Callable[..., None]) -> None:
     flag("--ema-decay", type=float, default=0.0, metavar="D",
          help="evaluate and save a moving average of the weights, updated every step with this decay (0: off)")
     flag("--amp", nargs="?", const="bf16", choices=["off", "bf16", "fp16"], default="off",
-         help="CUDA automatic mixed precision: --amp (bf16) or --amp fp16")
+         help="the forward pass in mixed precision: --amp (bf16) on CUDA or on a CPU that computes bfloat16 natively "
+              "(AVX512_BF16 or AMX; elsewhere a note and float32), or --amp fp16 on CUDA; the loss, weights and "
+              "Adam stay float32")
     flag("--cuda-graph", choices=["auto", "off"], default="off",
          help="on one GPU, the step captured as a CUDA graph after 3 plain batches and kept if it then makes the "
               "plain step's update (auto), or the plain step always (off: until the captured step has passed the "

@@ -67,13 +67,24 @@ def cpu_pass(patch_size: int, batch_size: int) -> int:
     return -(-batch_size // passes)
 
 
-def last_layer_by_phase(device: torch.device) -> bool:
+def last_layer_by_phase(device: torch.device, bf16: bool = False) -> bool:
     """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with
-    AVX-512, whose convolutions fill blocks of 16 output channels, it ran the step faster (16 of
-    48x48: 23.8 ms against 27.5 plain on an AMD EPYC, 3-6% less on an Intel Xeon); with AVX2 (blocks
-    of 8) 3-5% slower, before its backward took the input's gradient the plain way; the GPU has no
-    such blocks (docs/speed.md)."""
-    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    AVX-512, whose float32 convolutions fill blocks of 16 output channels, it ran the step faster
+    (16 of 48x48: 23.8 ms against 27.5 plain on an AMD EPYC, 15.4 against 18.1 on an Intel Xeon with
+    AMX); with AVX2 (blocks of 8) 3-5% slower, before its backward took the input's gradient the
+    plain way; the GPU has no such blocks. In bf16 on AMX the plain layer is the faster (8.6 against
+    8.8 ms, 9-5-5 on Y 11.0 against 11.2); bf16 without AMX (AVX512_BF16 alone, AMD EPYC Zen 4) is
+    unmeasured and keeps float32's choice (docs/speed.md)."""
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return not (bf16 and native_bf16() == "AMX")
+
+
+def native_bf16() -> str | None:
+    """How this CPU computes bfloat16 natively: "AMX" (Intel Xeon's tiles), "AVX512_BF16" (AMD EPYC
+    Zen 4 among others), or None: then PyTorch emulates it, several times slower than float32."""
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
+    return next((name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()), None)
 
 
 def make_batch(inputs: torch.Tensor, targets: torch.Tensor, transform: int,
@@ -143,17 +154,35 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     return int(optimizer.state[first]["step"]) if first in optimizer.state else 0
 
 
-def mixed_precision(args: dict, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
-    """(the forward pass's autocast, the loss scaler) for --amp: bf16 autocast, or fp16 autocast with
-    a loss scaler, on CUDA; both present and disabled otherwise."""
+def autocast_dtype(args: dict, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast precision for --amp on `device`: bf16 or fp16 on CUDA, bf16 on a
+    CPU that computes it natively; None (float32) otherwise, said in one line when --amp asked for more."""
     amp = args.get("amp", "off")
-    if amp != "off" and device.type != "cuda":
-        print("note: --amp applies to CUDA only; training on the CPU in float32", file=sys.stderr)
-    on = amp != "off" and device.type == "cuda"
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    if amp == "bf16" and native_bf16():
+        return torch.bfloat16
+    why = ("--amp fp16 applies to CUDA only" if amp == "fp16" else
+           "this CPU does not compute bfloat16 natively (neither AVX512_BF16 nor AMX), where it runs slower")
+    print(f"note: {why}; training on the CPU in float32", file=sys.stderr)
+    return None
+
+
+def mixed_precision(args: dict, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """(the forward pass's autocast, the loss scaler) for --amp (autocast_dtype): bf16 autocast, or fp16
+    autocast with a loss scaler on CUDA; both present and disabled in float32. The loss, the weights,
+    Adam and the moving average stay float32 either way."""
+    dtype = autocast_dtype(args, device)
     # no autocast cache: each weight is cast once a pass anyway, and a CUDA graph cannot capture the cache
-    return (torch.autocast(device.type, dtype=dtype, enabled=on, cache_enabled=False),
-            torch.amp.GradScaler(device.type, enabled=on and dtype == torch.float16))
+    return (torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False),
+            torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def precision(autocast: torch.autocast) -> str:
+    """The forward pass's precision under `autocast`, as a run prints and records it."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast.fast_dtype] if autocast._enabled else "float32"
 
 
 def capturable(optimizer: torch.optim.Optimizer) -> None:

@@ -43,6 +43,7 @@ from step import (
     make_batch,
     mixed_precision,
     optimizer_steps,
+    precision,
     set_learning_rate,
     train_step,
     update_ema,
@@ -83,8 +84,9 @@ class Trainer:
         self.replacing = list(replacing)  # an earlier run's files (train --overwrite), removed at the first save
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
-        model = SRCNN(checkpoint.shape_of_args(args))
-        model.last_layer_by_phase = last_layer_by_phase(processes.device)  # the same sums and weights
+        self.autocast, self.scaler = mixed_precision(args, processes.device)
+        model = SRCNN(checkpoint.shape_of_args(args))  # the last layer by phase: the same sums and weights
+        model.last_layer_by_phase = last_layer_by_phase(processes.device, precision(self.autocast) == "bf16")
         if args["init"] == "identity":
             init_identity_(model)
         elif init_weights is not None and resumed is None:  # a resumed run has its own weights
@@ -93,10 +95,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args["lr"])
         self.generator = torch.Generator().manual_seed(args["seed"])
         self.ema = copy.deepcopy(self.model) if args["ema_decay"] else None
-        self.autocast, self.scaler = mixed_precision(args, processes.device)
         self.progress = checkpoint.Progress() if resumed is None else checkpoint.restore_training(
             resumed, self.model, self.ema, self.optimizer, self.scaler, self.generator)
-        self.run_entry = {"epoch": self.progress.epoch, "command": command}  # this command's record
+        self.run_entry = {"epoch": self.progress.epoch, "command": command,  # this command's record
+                          "precision": precision(self.autocast)}
         if command:
             self.progress.commands.append(self.run_entry)
         self.ddp_model = processes.wrap(self.model)
@@ -105,8 +107,9 @@ class Trainer:
         self.say_step(self.choose_step())
 
     def choose_step(self) -> str:
-        """Set up the step this device takes (step.py); what it is, in words."""
+        """Set up the step this device takes (step.py); what it is, in words, its precision too."""
         args, device, world = self.args, self.processes.device, self.processes.world
+        forward = f"the forward pass in {precision(self.autocast)}"
         if device.type == "cpu":  # passes whose activations stay in cache
             why = "as given or recorded"
             if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
@@ -114,14 +117,14 @@ class Trainer:
                 why = f"about {PASS_PIXELS:,} pixels each"
             self.pass_patches = args["pass_patches"]
             return (f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer "
-                    + ("by phase" if self.model.last_layer_by_phase else "plain"))
+                    + ("by phase" if self.model.last_layer_by_phase else "plain") + f", {forward}")
         why_not = CapturedStep.possible(args, device, world)
         if why_not is not None:
-            return f"CUDA step: plain ({why_not})"
+            return f"CUDA step: plain ({why_not}), {forward}"
         capturable(self.optimizer)
         self.captured = CapturedStep(self.model, self.optimizer, self.ema, args, self.autocast, self.scaler)
         return (f"CUDA step: captured as a CUDA graph after {CapturedStep.WARMUP} plain batches, "
-                "if it then makes the plain step's update")
+                f"if it then makes the plain step's update, {forward}")
 
     def say_step(self, step: str) -> None:
         """Print the step this run takes (on a line of its own, above an epoch's progress bar), and record

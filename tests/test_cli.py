@@ -163,12 +163,16 @@ def test_resume_is_exact(cli, mini_root, tmp_path):
     assert not torch.equal(a["model"]["conv1.weight"], a["training_weights"]["conv1.weight"])
 
 
-def test_the_recipe_run_twice_gives_the_same_weights(cli, mini_root, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_the_recipe_run_twice_gives_the_same_weights(cli, mini_root, tmp_path, amp):
     """A short version of the x3 recipe (docs/training.md), twice: seeded and deterministic on the CPU,
-    in a fresh process and in this one, after whatever the tests before it left behind."""
+    in a fresh process and in this one, after whatever the tests before it left behind; in float32 and
+    with --amp bf16 (in bf16 where this CPU computes it natively, else in float32, as recorded)."""
+    from step import native_bf16
+
     recipe = ("--lr", "1e-3", "--lr-decay", "cosine", "--min-lr", "1e-5", "--batch-size", "32", "--patch-size", "48",
               "--stride", "21", "--zooms", "1", "0.9", "0.8", "--augment", "--fresh-crops", "--ema-decay", "0.9998",
-              "--num-epoch", "1", "--data-root", str(mini_root))
+              "--num-epoch", "1", "--amp", amp, "--data-root", str(mini_root))
     result = run("train.py", "train", *recipe, "--checkpoint-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     result = cli("train", "train", *recipe, "--checkpoint-dir", str(tmp_path / "b"))
@@ -180,6 +184,9 @@ def test_the_recipe_run_twice_gives_the_same_weights(cli, mini_root, tmp_path):
     assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
                for i in a["optimizer"]["state"])
     assert [h["psnr"] for h in a["history"]] == [h["psnr"] for h in b["history"]]
+    used = "bf16" if amp == "bf16" and native_bf16() else "float32"
+    assert a["commands"][0]["precision"] == b["commands"][0]["precision"] == used
+    assert all(t.dtype == torch.float32 for part in ("model", "training_weights") for t in a[part].values())
 
 
 def test_version_flags(cli):

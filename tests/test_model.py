@@ -21,11 +21,13 @@ def test_output_has_input_size():
     assert out.shape == (2, 3, 17, 23)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
 @pytest.mark.parametrize("shape", [Shape(), Shape((9, 5, 5)), Shape((9, 3, 5), channels=1)])
 @pytest.mark.parametrize("height, width", [(48, 48), (33, 33), (21, 16), (1, 2)])
-def test_the_last_layer_by_phase_gives_the_plain_loss_and_gradients(shape, height, width):
+def test_the_last_layer_by_phase_gives_the_plain_loss_and_gradients(shape, height, width, bf16):
     """Training on a CPU computes the last layer by phase: the same loss and the same gradients of
-    every weight as nn.Conv2d's, within float32 rounding, on odd and even sizes."""
+    every weight as nn.Conv2d's, within float32 rounding, on odd and even sizes; under bf16 autocast
+    (--amp bf16 on a CPU) within bf16's: two units of its last place (8 significant bits, 2^-7 apart)."""
     generator = torch.Generator().manual_seed(height * width)
     model = SRCNN(shape)
     x = torch.rand(3, shape.channels, height, width, generator=generator)
@@ -34,14 +36,17 @@ def test_the_last_layer_by_phase_gives_the_plain_loss_and_gradients(shape, heigh
     for by_phase in (False, True):
         model.zero_grad()
         model.last_layer_by_phase = by_phase
-        loss = F.mse_loss(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = F.mse_loss(out.float(), y)
         loss.backward()
         results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
     (plain_loss, plain), (phase_loss, phase) = results
-    assert torch.allclose(plain_loss, phase_loss, rtol=1e-5)
+    rtol = 2**-6 if bf16 else 1e-5
+    assert torch.allclose(plain_loss, phase_loss, rtol=rtol)
     for name, gradient in plain.items():
         scale = gradient.abs().max()
-        assert (phase[name] - gradient).abs().max() <= 1e-5 * scale + 1e-9, name
+        assert (phase[name] - gradient).abs().max() <= rtol * scale + 1e-9, name
     assert set(model.state_dict()) == set(SRCNN(shape).state_dict())  # no weights of its own
 
 
