@@ -50,6 +50,7 @@ from step import (
     last_layer_by_phase,
     make_batch,
     mixed_precision,
+    native_bf16,
     optimizer_steps,
     train_step,
     update_ema,
@@ -127,10 +128,10 @@ def training_flops_per_patch(shape: Shape, size: int = PATCH) -> float:
     return sum(2 * macs * size * size * (2 if i == 0 else 3) for i, macs in enumerate(layer_macs(shape)))
 
 
-def matmul_gflops(seconds: float, device: torch.device) -> float:
-    """The machine's matmul rate (2048x2048): the best of one-second rounds after a warm-up, so that
-    a slow moment does not make a peak that the convolutions then appear to beat."""
-    a, b = torch.rand(2048, 2048, device=device), torch.rand(2048, 2048, device=device)
+def matmul_gflops(seconds: float, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate (2048x2048) in `dtype`: the best of one-second rounds after a warm-up,
+    so that a slow moment does not make a peak that the convolutions then appear to beat."""
+    a, b = (torch.rand(2048, 2048, device=device).to(dtype) for _ in range(2))
     for _ in range(3):
         torch.mm(a, b)
     synchronize(device)
@@ -286,23 +287,47 @@ def reliability_warnings(ours: list[float], textbook: list[float], others_share:
 STEPS = ((16, 48, 0.9998), (128, 33, 0.0))  # (batch, patch size, EMA decay): the x3 recipe's step, the assignment's
 
 
-def step_model(device: torch.device, shape: Shape) -> SRCNN:
-    """The network as train.py's Trainer trains it on `device`."""
+def step_model(device: torch.device, shape: Shape, bf16: bool = False) -> SRCNN:
+    """The network as train.py's Trainer trains it on `device`, in float32 or (`bf16`) --amp bf16."""
     model = SRCNN(shape).to(device, memory_format=torch.channels_last)
-    model.last_layer_by_phase = last_layer_by_phase(device)
+    model.last_layer_by_phase = last_layer_by_phase(device, bf16)
     return model
 
 
+PRECISIONS = {"off": "float32", "bf16": "bf16"}  # --amp's value: the precision bench.py names a step by
+
+
+def step_precisions(device: torch.device) -> list[str]:
+    """The --amp values whose steps are timed: float32, and bf16 where it runs as it trains (a GPU, or
+    a CPU that computes bfloat16 natively)."""
+    return ["off", "bf16"] if device.type == "cuda" or native_bf16() else ["off"]
+
+
+def step_table(device: torch.device, shape: Shape, calls: int) -> tuple[dict, dict]:
+    """train.py's steps (STEPS) in each precision, and on CUDA plain and captured: ({name: ms},
+    {name: (patches a pass, why)}), named as "16x48x48 bf16 captured"."""
+    steps, passes = {}, {}
+    for batch, size, ema in STEPS:
+        for amp in step_precisions(device):
+            for captured in (False, True) if device.type == "cuda" else (False,):
+                name = f"{batch}x{size}x{size} {PRECISIONS[amp]}" + (" captured" if captured else "")
+                steps[name] = round(step_milliseconds(batch, size, ema, device, calls, shape, captured, amp), 3)
+                passes[name] = ((cpu_pass(size, batch), f"passes of about {PASS_PIXELS:,} pixels")
+                                if device.type == "cpu" else
+                                (batch, "CUDA: the whole batch" + (", as a CUDA graph" if captured else "")))
+    return steps, passes
+
+
 def step_milliseconds(batch: int, size: int, ema_decay: float, device: torch.device, calls: int,
-                      shape: Shape, captured: bool = False) -> float:
-    """train.py's step on `batch` patches of `size`, with the moving average if `ema_decay`, as the
-    Trainer takes it: on a CPU train_step in the passes it chooses, on CUDA the plain step or, with
-    `captured`, the step captured as a CUDA graph (CapturedStep, --cuda-graph auto). The lower
-    quartile of `calls` timed calls, after a warm-up that includes the capture and its check."""
-    model = step_model(device, shape)
+                      shape: Shape, captured: bool = False, amp: str = "off") -> float:
+    """train.py's step on `batch` patches of `size`, with the moving average if `ema_decay`, under
+    --amp `amp`, as the Trainer takes it: on a CPU train_step in the passes it chooses, on CUDA the
+    plain step or, with `captured`, the step captured as a CUDA graph (CapturedStep, --cuda-graph
+    auto). The lower quartile of `calls` timed calls, after a warm-up that includes the capture."""
+    model = step_model(device, shape, amp == "bf16")
     ema = copy.deepcopy(model) if ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    args = {"patch_size": size, "loss_border": 0, "ema_decay": ema_decay, "amp": "off",
+    args = {"patch_size": size, "loss_border": 0, "ema_decay": ema_decay, "amp": amp,
             "cuda_graph": "auto" if captured else "off"}
     autocast, scaler = mixed_precision(args, device)
     patches = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
@@ -444,9 +469,10 @@ class TrainingRun:
     process tree's, sampled while it runs). The child leads its own process group, so that a pause
     stops its reading workers too: paused, a run takes nothing from the machine but memory."""
 
-    def __init__(self, folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent) -> None:
+    def __init__(self, folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent,
+                 flags: tuple[str, ...] = ()) -> None:
         command = [sys.executable, "train.py", "train", "@recipes/x3.args", "--train-set", str(folder),
-                   "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out)]
+                   "--data-root", str(data_root), "--num-epoch", "1", "--checkpoint-dir", str(out), *flags]
         self.out, self.start, self.peak = out, time.perf_counter(), 0
         self.first_shown: tuple[float, int] | None = None  # (seconds from the start, steps)
         self.last_shown, self.text = (0.0, 0), ""
@@ -513,10 +539,11 @@ class TrainingRun:
         return torch.load(self.out / (INTERRUPTED if stop else LAST), weights_only=True)
 
 
-def training_epoch(folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent) -> dict:
-    """One whole epoch of the x3 recipe on `folder` (a TrainingRun): peak memory, patches per second
-    and seconds of the epoch (as the run recorded them), seconds from the start to its first step."""
-    with TrainingRun(folder, data_root, out, tree) as run:
+def training_epoch(folder: Path, data_root: Path, out: Path, tree: Path = Path(__file__).parent,
+                   flags: tuple[str, ...] = ()) -> dict:
+    """One whole epoch of the x3 recipe (with `flags` after it) on `folder` (a TrainingRun): peak memory,
+    patches per second and seconds of the epoch (as the run recorded them), seconds to its first step."""
+    with TrainingRun(folder, data_root, out, tree, flags) as run:
         record = run.finish(stop=False)["history"][-1]
     return {"peak_memory_mb": round(run.peak / 1e6), "patches_per_s": round(record["patches_per_s"], 1),
             "seconds_per_epoch": round(record["seconds"], 3), "seconds_to_first_step": round(run.first_shown[0], 1)}
@@ -563,26 +590,42 @@ def data_benchmark(data_root: Path, count: int, size: tuple[int, int], seconds: 
             "rate_vs_t91": round(collection_run["patches_per_s"] / t91_mean["patches_per_s"], 3)}
 
 
-def against_benchmark(data_root: Path, tree: Path, rounds: int) -> dict:
-    """The x3 recipe's first epoch on T91 with this tree's train.py and with `tree`'s (e.g. a
-    worktree of an older commit), alternated `rounds` times so that both see the same machine:
-    the whole training step as users run it (batches, passes, Adam, the moving average)."""
-    runs: dict[str, list[dict]] = {"this": [], "other": []}
+def alternated_epochs(data_root: Path, configs: dict[str, tuple[Path, tuple[str, ...]]], rounds: int) -> dict:
+    """The x3 recipe's first epoch on T91 in each configuration (the tree whose train.py runs, the flags
+    after the recipe), alternated `rounds` times so that all see the same machine: the whole training
+    step as users run it (batches, passes, Adam, the moving average). The runs and median seconds."""
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
-            for name, where in (("other", tree), ("this", Path(__file__).parent)):
-                runs[name].append(training_epoch(data_root / "T91", data_root, Path(tmp) / f"{name}{i}", where))
+            for name, (tree, flags) in configs.items():
+                runs[name].append(training_epoch(data_root / "T91", data_root, Path(tmp) / f"{name}{i}", tree, flags))
     medians = {name: statistics.median(run["seconds_per_epoch"] for run in rs) for name, rs in runs.items()}
-    return {"tree": str(tree), "seconds_per_epoch": medians, "runs": runs,
-            "speedup": round(medians["other"] / medians["this"], 3)}
+    return {"seconds_per_epoch": medians, "runs": runs}
+
+
+def against_benchmark(data_root: Path, tree: Path, rounds: int) -> dict:
+    """This tree's train.py against `tree`'s (e.g. a worktree of an older commit), alternated_epochs."""
+    r = alternated_epochs(data_root, {"other": (tree, ()), "this": (Path(__file__).parent, ())}, rounds)
+    seconds = r["seconds_per_epoch"]
+    return {"tree": str(tree), **r, "speedup": round(seconds["other"] / seconds["this"], 3)}
+
+
+def precision_benchmark(data_root: Path, rounds: int) -> dict:
+    """This tree's x3 recipe in float32 (--amp off) and in bf16 (--amp bf16), alternated_epochs."""
+    here = Path(__file__).parent
+    r = alternated_epochs(data_root, {"float32": (here, ("--amp", "off")), "bf16": (here, ("--amp", "bf16"))}, rounds)
+    seconds = r["seconds_per_epoch"]
+    return {"tree": "float32", **r, "speedup": round(seconds["float32"] / seconds["bf16"], 3)}
 
 
 def print_against_results(r: dict) -> None:
-    for name, label in (("other", r["tree"]), ("this", "this tree")):
+    for name in r["runs"]:
+        label = {"other": r["tree"], "this": "this tree"}.get(name, name)
         seconds = [run["seconds_per_epoch"] for run in r["runs"][name]]
         print(f"x3 recipe, an epoch of T91 with {label}: median {r['seconds_per_epoch'][name]:.1f} s "
               f"({', '.join(f'{s:.1f}' for s in seconds)}; {r['runs'][name][-1]['patches_per_s']:.0f} patches/s)")
-    print(f"this tree against {r['tree']}: {r['speedup']:.2f}x as fast")
+    first, second = r["runs"]
+    print(f"{second} against {first}: {r['speedup']:.2f}x as fast")
 
 
 def print_data_results(r: dict) -> None:
@@ -611,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", type=Path, metavar="TREE", help="instead: the x3 recipe's first epoch on T91 "
                         "with this tree's train.py and with TREE's (e.g. `git worktree add /tmp/old <commit>`), "
                         "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes) (default: none)")
+    parser.add_argument("--bf16-epochs", action="store_true", help="instead: the x3 recipe's first epoch on T91 "
+                        "in float32 and in bf16 (--amp off, --amp bf16), alternated 3 times (--quick: 1), and the "
+                        "speed-up (about 4 minutes)")
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
                         "keep it, or take the one made there before (default: a temporary folder, removed after)")
@@ -629,9 +675,11 @@ def main(argv: list[str] | None = None) -> None:
         count, seconds, rounds = (40, 30, 2) if args.quick else (DIV2K_COUNT, 900, 6)  # 900 s: past a part (2 GB)
         results = data_benchmark(Path(args.data_root), count, DIV2K_SIZE, seconds, rounds, args.collection)
         print_data_results(results)
-    elif args.against:
-        results = against_benchmark(Path(args.data_root).resolve(),  # the other tree's train.py runs in that tree
-                                    args.against.resolve(), 1 if args.quick else 3)
+    elif args.against or args.bf16_epochs:
+        data_root = Path(args.data_root).resolve()  # the other tree's train.py runs in that tree
+        rounds = 1 if args.quick else 3
+        results = (against_benchmark(data_root, args.against.resolve(), rounds) if args.against
+                   else precision_benchmark(data_root, rounds))
         print_against_results(results)
     else:
         results = speed_benchmark(choose_device(args.cuda), shape_of_args(vars(args)), args.quick)
@@ -648,16 +696,13 @@ def speed_benchmark(device: torch.device, shape: Shape, quick: bool) -> dict:
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     ours, textbook = training_rates(device, *((2, 1024) if quick else (4, 4096)), shape)
     calls = 20 if quick else 40
-    steps, passes, shares = {}, {}, {}
-    for batch, size, ema in STEPS:
-        for captured in (False, True) if device.type == "cuda" else (False,):
-            name = f"{batch}x{size}x{size}" + (" captured" if captured else "")
-            steps[name] = round(step_milliseconds(batch, size, ema, device, calls, shape, captured), 3)
-            passes[name] = ((cpu_pass(size, batch), f"passes of about {PASS_PIXELS:,} pixels") if device.type == "cpu"
-                            else (batch, "CUDA: the whole batch" + (", as a CUDA graph" if captured else "")))
-        shares[f"{batch}x{size}x{size}"] = {name: round(share, 3) for name, share in
-                                            layer_shares(batch, size, device, calls, shape).items()}
+    steps, passes = step_table(device, shape, calls)
+    shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
+                                         layer_shares(batch, size, device, calls, shape).items()}
+              for batch, size, _ in STEPS}
     peak = matmul_gflops(3 if quick else 5, device)
+    peaks = {"float32": peak, **({"bf16": matmul_gflops(3 if quick else 5, device, torch.bfloat16)}
+                                 if "bf16" in {name.split()[1] for name in steps} else {})}
     megapixels = inference_megapixels(SRCNN(shape).to(device, memory_format=torch.channels_last).eval(),
                                       1 if quick else 3)
     rss_size = 1000 if quick else 2000
@@ -670,14 +715,16 @@ def speed_benchmark(device: torch.device, shape: Shape, quick: bool) -> dict:
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
     )
-    return speed_results(device, shape, ours, textbook, steps, passes, shares, peak, megapixels, network,
+    return speed_results(device, shape, ours, textbook, steps, passes, shares, peaks, megapixels, network,
                          end_to_end, (rss_size, rss, rss_seconds), others_share)
 
 
 def speed_results(device: torch.device, shape: Shape, ours: list[float], textbook: list[float], steps: dict,
-                  passes: dict, shares: dict, peak: float, megapixels: float, network: dict, end_to_end: dict | None,
+                  passes: dict, shares: dict, peaks: dict, megapixels: float, network: dict, end_to_end: dict | None,
                   super_resolve: tuple[int, float, float], others_share: float | None) -> dict:
-    """The speed benchmark's figures as plain data, each rate also as a share of the matmul rate."""
+    """The speed benchmark's figures as plain data, each rate also as a share of the matmul rate (a
+    step's of the matmul rate in its own precision)."""
+    peak = peaks["float32"]
     our_rate, textbook_rate = statistics.median(ours), statistics.median(textbook)
     achieved = our_rate * training_flops_per_patch(shape) / 1e9
     network_share = {name: rate * 1e6 * 2 * sum(layer_macs(shape)) / 1e9 / peak for name, rate in network.items()}
@@ -691,12 +738,14 @@ def speed_results(device: torch.device, shape: Shape, ours: list[float], textboo
         "speedup_vs_textbook": round(our_rate / textbook_rate, 2),
         "step_ms": steps,
         "step_fraction_of_matmul": {step: round(int(step.split("x")[0]) * training_flops_per_patch(
-            shape, int(step.split("x")[1])) / (ms / 1000) / 1e9 / peak, 3) for step, ms in steps.items()},
+            shape, int(step.split("x")[1])) / (ms / 1000) / 1e9 / peaks[step.split()[1]], 3)
+            for step, ms in steps.items()},
         "step_passes": passes,
         "layer_shares": shares,
         "textbook_step_ms_128x33x33": round(1000 * BATCH / textbook_rate, 2),
         "train_gflops": round(achieved, 1),
         "matmul_gflops": round(peak, 1),
+        "matmul_gflops_by_precision": {name: round(rate, 1) for name, rate in peaks.items()},
         "fraction_of_matmul_peak": round(achieved / peak, 3),
         "inference_megapixels_per_s": round(megapixels, 2),
         "network_megapixels_per_s": {name: round(rate, 2) for name, rate in network.items()},
@@ -716,15 +765,17 @@ def print_results(results: dict) -> None:
     print(f"network                          SRCNN {r['network']}")
     print(f"training, patches/s (33x33, b128) ours {r['train_patches_per_s_ours']:.0f}  "
           f"textbook {r['train_patches_per_s_textbook']:.0f}  ratio {r['speedup_vs_textbook']:.2f}x")
+    print("matmul GFLOP/s                   " + ", ".join(
+        f"{name} {rate:.0f}" for name, rate in r["matmul_gflops_by_precision"].items()))
     for step, ms in r["step_ms"].items():
         patches, why = r["step_passes"][step]
-        batch = int(step.split("x")[0])
-        print(f"train.py step, {step:10s}       {ms:.2f} ms ({batch * 1000 / ms:.0f} patches/s, "
-              f"{r['step_fraction_of_matmul'][step]:.0%} of matmul), passes of at most {patches} ({why})"
-              + (f"; the textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms" if step == "128x33x33" else ""))
-        if step in r["layer_shares"]:
+        size, precision = step.split()[:2]
+        print(f"train.py step, {step:22s} {ms:6.2f} ms ({int(step.split('x')[0]) * 1000 / ms:.0f} patches/s, "
+              f"{r['step_fraction_of_matmul'][step]:.0%} of {precision} matmul), passes of at most {patches} ({why})"
+              + (f"; textbook loop {r['textbook_step_ms_128x33x33']:.1f} ms" if step == "128x33x33 float32" else ""))
+        if step == f"{size} float32" and size in r["layer_shares"]:
             print("  layer shares                   " + ", ".join(f"{name} {share:.0%}"
-                                                               for name, share in r["layer_shares"][step].items()))
+                                                               for name, share in r["layer_shares"][size].items()))
     print(f"training GFLOP/s                 {r['train_gflops']:.1f} of matmul {r['matmul_gflops']:.1f} "
           f"({r['fraction_of_matmul_peak']:.0%})")
     print(f"inference (512x512 LR -> x3)     {r['inference_megapixels_per_s']:.2f} megapixels/s")

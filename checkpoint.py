@@ -15,8 +15,9 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     best_psnr         the best evaluation PSNR so far
     rng               {"torch": the global RNG state, "generator": the state of the draws of crops and flips}
     scale, version    the upscaling factor; the project's version that wrote it
-    commands          {"epoch", "command", "step"} of every train/resume command line that made it, "step"
-                      the training step it took, in words (recorded since issue 59)
+    commands          {"epoch", "command", "step", "precision"} of every train/resume command line that
+                      made it: "step" the training step it took, in words, "precision" its forward
+                      pass's (float32, bf16, fp16); both recorded since issues 59 and 61
     position          in interrupted.pth only: where the epoch after `epoch` stopped (POSITION_KEYS)
 
 A bare state_dict of the three convolutions (conv1..conv3) is read as a model of the shape its
