@@ -224,8 +224,9 @@ def moved_alike(before: dict[str, torch.Tensor], captured: dict[str, torch.Tenso
     for name, start in before.items():
         if name not in captured or name not in plain:
             return f"{name} is missing from the {'captured' if name not in captured else 'plain'} step's state"
-        expected = plain[name].double() - start.double()
-        off = (captured[name].double() - plain[name].double()).abs().max().item()
+        start, ours, theirs = (t.detach().double().cpu() for t in (start, captured[name], plain[name]))
+        expected = theirs - start
+        off = (ours - theirs).abs().max().item()
         allowed = rtol * expected.abs().max().item()
         if not off <= allowed:
             return f"{name} moved {off:.3g} away from the plain step's change (at most {allowed:.3g} allowed)"
