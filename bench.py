@@ -221,7 +221,7 @@ def end_to_end_seconds(size: int, repeats: int) -> dict | None:
         export_onnx(model, folder / "srcnn.onnx")
         commands = {
             "super_resolve.py": [str(Path(__file__).with_name("super_resolve.py")), "--checkpoint", str(CHECKPOINT),
-                                 str(folder / "lr.png"), "--output", str(folder / "ours.png")],
+                                 str(folder / "lr.png"), "--output", str(folder / "ours.png"), "--overwrite"],
             "minimal script": ["-c", MINIMAL_SCRIPT, str(folder / "srcnn.onnx"), str(folder / "lr.png"),
                                str(folder / "minimal.png")],
         }
