@@ -167,7 +167,8 @@ def network_megapixels(model: SRCNN, repeats: int, size: int = 1536) -> dict:
         import onnxruntime
         session = onnxruntime.InferenceSession(onnx_model(model).SerializeToString(),
                                                providers=["CPUExecutionProvider"])
-        feed = {"input": x.float().div(255).unsqueeze(0).numpy()}
+        rgb = x.float()  # the export of a Y network takes its one channel (docs/deploy.md)
+        feed = {"input": (rgb_to_y(rgb).unsqueeze(0) if model.shape.channels == 1 else rgb).div(255)[None].numpy()}
         runs["onnxruntime"] = lambda: session.run(None, feed)
     except ImportError:
         pass
