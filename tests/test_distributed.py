@@ -48,14 +48,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(cli, mini_root, tmp_
     assert torch.load(tmp_path / "one" / "last.pth", weights_only=True)["epoch"] == 3
 
 
-def test_amp_on_the_cpu_is_ignored_with_a_note(cli, mini_root, tmp_path):
+def test_amp_the_cpu_cannot_compute_natively_trains_in_float32_with_a_note(cli, mini_root, tmp_path, monkeypatch):
+    """--amp fp16 on the CPU, and --amp bf16 on a CPU without native bfloat16 (here made to look so),
+    train the float32 weights bit for bit after one note, and record float32."""
+    import step
+
+    monkeypatch.setattr(step, "native_bf16", lambda: None)
     flags = ("--batch-size", "8", "--num-epoch", "1", "--data-root", str(mini_root))
-    result = cli("train", "train", *flags, "--amp", "--checkpoint-dir", str(tmp_path / "amp"))
-    assert result.returncode == 0 and "--amp applies to CUDA only" in result.stderr
     assert cli("train", "train", *flags, "--checkpoint-dir", str(tmp_path / "plain")).returncode == 0
-    a = torch.load(tmp_path / "amp" / "last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "plain" / "last.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # float32 all the same
+    plain = torch.load(tmp_path / "plain" / "last.pth", weights_only=True)["model"]
+    for amp, note in (("fp16", "--amp fp16 applies to CUDA only"), ("bf16", "does not compute bfloat16 natively")):
+        result = cli("train", "train", *flags, "--amp", amp, "--checkpoint-dir", str(tmp_path / amp))
+        assert result.returncode == 0 and note in result.stderr, result.stderr
+        state = torch.load(tmp_path / amp / "last.pth", weights_only=True)
+        assert state["commands"][0]["precision"] == "float32" and state["args"]["amp"] == amp
+        assert all(torch.equal(state["model"][k], plain[k]) for k in plain)  # float32 all the same
 
 
 SITECUSTOMIZE = '''
