@@ -32,7 +32,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     passes of equal size (within one patch), at most `pass_patches` each, with the gradients summed:
     the same update, but on a CPU the activations stay in cache (see cpu_pass); None = all at once
     (the GPU's way). `autocast`: the forward pass's mixed-precision context and `scaler` the fp16
-    loss scaler, both disabled but for --amp on CUDA."""
+    loss scaler, both disabled but for --amp (mixed_precision)."""
     optimizer.zero_grad(set_to_none=True)
     passes = -(-len(inputs) // (pass_patches or len(inputs)))
     pairs = list(zip(inputs.tensor_split(passes), targets.tensor_split(passes), strict=True))
