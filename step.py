@@ -341,7 +341,8 @@ class CapturedStep:
             captured = {name: t.detach().clone() for name, t in state_tensors(self.model, self.ema,
                                                                                 self.optimizer).items()}
         except Exception as error:  # whatever the capture raised, the plain step stands
-            self.give_up(before, f"the capture failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            first_line = next(iter(str(error).splitlines()), "")
+            self.give_up(before, f"the capture failed: {type(error).__name__}: {first_line}".rstrip(": "))
             return None
         model, ema, adam_state = reference
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -257,9 +257,13 @@ def failing_capture(step: CapturedStep) -> Callable[[], None]:
     raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
 
 
-@pytest.mark.parametrize("replays", [failing_capture, broken_replay("stale buffers"),
+def silent_failure(step: CapturedStep) -> Callable[[], None]:
+    raise RuntimeError()  # no message at all: still one line, naming what was raised
+
+
+@pytest.mark.parametrize("replays", [failing_capture, silent_failure, broken_replay("stale buffers"),
                                      broken_replay("learning rate"), broken_replay("no average")],
-                         ids=["capture error", "stale buffers", "learning rate", "no average"])
+                         ids=["capture error", "silent error", "stale buffers", "learning rate", "no average"])
 def test_a_failed_or_wrong_capture_puts_the_state_back_and_falls_back(capturable_on_the_cpu, replays):
     """The fourth batch is the capture's: on its failure the weights, average and Adam's state are put
     back bit for bit as they were after the third, Adam is a plain Adam again, `failure` says why in
