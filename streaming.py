@@ -105,15 +105,14 @@ class StreamedPatches:
             raise UserError(f"--data-memory of {budget / 1e3:,.0f} KB is too little for these training images: "
                             f"at least {largest / 1e3:,.0f} KB, what the largest of them takes")
         self.budget = budget
-        self.checked = self.check_images()
         self.loaded: tuple[int, TrainingPatches] | None = None  # the part held now
         self.stream: Iterator | None = None
         self.new_epoch(torch.Generator().manual_seed(0), move_grid=False)
 
     def check_images(self) -> tuple[int, float]:
-        """Decode every image of this process's share once, in the workers, an image at a time each,
-        before any training: a broken file ends the run here in one line, not hours into an epoch.
-        (images checked, seconds taken)."""
+        """Decode every image of this process's share once, in the workers, an image at a time each;
+        training calls it before its first step, so that a broken file ends the run in one line then,
+        not hours into an epoch. (images checked, seconds taken)."""
         start = time.perf_counter()
         paths = list(dict.fromkeys(path for path, _ in self.entries))[self.rank::self.world]
         for problem in DataLoader(Decoded(paths), batch_size=None, num_workers=self.workers,

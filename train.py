@@ -280,13 +280,14 @@ def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | Strea
     if needed <= budget:  # all at once: the same batches as ever
         patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
                                   args["zooms"], processes.device, args["degradation"])
-    else:  # a part at a time, each process its own share, every image checked first
+    else:  # a part at a time, each process its own share, every image read whole once first
+        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory "
+                      f"{args['data_memory']}: streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process")
         patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
                                   processes.device, args["degradation"], budget, args["workers"],
                                   processes.rank, processes.world)
-        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory {args['data_memory']}"
-                      f": streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process; its {patches.checked[0]}"
-                      f" images read whole in {patches.checked[1]:.1f} s to check them")
+        count, seconds = patches.check_images()
+        processes.say(f"checked by reading every image whole: {count} in {seconds:.1f} s")
     if not processes.main:
         return patches, []
     if shared := shared_images(folders, root / args["eval_set"]):

@@ -63,7 +63,7 @@ def train(mini_root, out, *flags) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "streamed in parts of up to 20 KB" in result.stderr, result.stderr  # not held whole
-    assert "its 2 images read whole in" in result.stderr, result.stderr  # and checked first
+    assert "checked by reading every image whole: 2 in" in result.stderr, result.stderr  # before any step
     return torch.load(out / "last.pth", weights_only=True)
 
 
