@@ -50,8 +50,8 @@ LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"  # the files
 HERE = Path(__file__).resolve().parent
 # the trained models this project ships, by the network --model names (its filter sizes) and scale
 SHIPPED = {("915", 2): HERE / "models" / "srcnn_x2.pth", ("915", 3): HERE / "checkpoint.pth",
-           ("915", 4): HERE / "models" / "srcnn_x4.pth", ("955", 3): HERE / "models" / "srcnn_955_x3.pth",
-           ("955", 4): HERE / "models" / "srcnn_955_x4.pth"}
+           ("915", 4): HERE / "models" / "srcnn_x4.pth", ("955", 2): HERE / "models" / "srcnn_955_x2.pth",
+           ("955", 3): HERE / "models" / "srcnn_955_x3.pth", ("955", 4): HERE / "models" / "srcnn_955_x4.pth"}
 SHIPPED_NETWORKS = tuple(dict.fromkeys(network for network, _ in SHIPPED))  # --model's choices, 915 first
 MODEL_HELP = ("without a checkpoint, the shipped model of this network and --scale: " + "; ".join(
     f"{n} ({n[0]}-{n[1]}-{n[2]}) at x{', x'.join(str(s) for m, s in SHIPPED if m == n)}" for n in SHIPPED_NETWORKS)

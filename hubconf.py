@@ -1,4 +1,4 @@
-"""torch.hub entry points: the shipped SRCNN models (9-1-5 at x2, x3, x4; 9-5-5 on Y at x3, x4) inside your own code.
+"""torch.hub entry points: the shipped SRCNN models (9-1-5 on RGB, 9-5-5 on Y, each at x2, x3, x4) in your code.
 
     import torch
     model = torch.hub.load("OWNER/srcnn", "srcnn", scale=3)          # the nn.Module, eval mode
@@ -29,7 +29,7 @@ def srcnn(scale: int = 3, pretrained: bool = True, network: str = "915") -> _mod
     as N x 1 x H x W (BT.601, `data.rgb_to_y(rgb * 255) / 255`); output: the super-resolved image in
     the same form and size. The "upscaler" entry does all of this for a PIL image.
 
-    scale: the factor of the shipped model to load: 2, 3 or 4 for 915 (x3 is the assignment's), 3 or 4 for 955.
+    scale: the factor of the shipped model to load: 2, 3 or 4 (x3 is the assignment's).
     pretrained: load the shipped weights (read with torch.load(weights_only=True)); False gives
     the shipped model's network with PyTorch's default initialisation, for any scale.
     network: "915" or "955", its filter sizes, as super_resolve.py's --model names them (torch.hub.load
@@ -52,10 +52,10 @@ def upscaler(scale: int = 3, self_ensemble: bool = False, degradation: str = "pi
     model, exactly as `python super_resolve.py --scale N --model NETWORK` does: bicubic, then SRCNN,
     8-bit output, grayscale kept grayscale, alpha upscaled bicubically.
 
-    scale: 2, 3 or 4 (955: 3 or 4). self_ensemble: average the 8 flips/rotations (8x slower, a little better).
+    scale: 2, 3 or 4. self_ensemble: average the 8 flips/rotations (8x slower, a little better).
     degradation: the bicubic before the network, "pil" (Pillow's) or "matlab" (MATLAB's imresize).
     engine: "auto" (ONNX Runtime when installed, else PyTorch), "torch" or "onnxruntime".
-    network: "915" (the assignment's) or "955" (the paper's 9-5-5 on Y, x3 and x4).
+    network: "915" (the assignment's) or "955" (the paper's 9-5-5 on Y).
     """
     if engine not in _onnx_engine.ENGINES or degradation not in _data.DEGRADATIONS:
         raise ValueError(f"engine must be one of {', '.join(_onnx_engine.ENGINES)} and degradation pil or matlab")

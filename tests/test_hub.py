@@ -43,8 +43,8 @@ def test_untrained_model_and_unknown_scale_or_model():
     assert fresh_955.conv2.kernel_size == (5, 5) and fresh_955.shape == hub("srcnn", network="955").shape
     with pytest.raises(ValueError, match="no 915 SRCNN model is shipped for x5; choose scale 2, 3, 4"):
         hub("srcnn", scale=5)
-    with pytest.raises(ValueError, match="no 955 SRCNN model is shipped for x2; choose scale 3, 4"):
-        hub("srcnn", scale=2, network="955")
+    with pytest.raises(ValueError, match="no 955 SRCNN model is shipped for x5; choose scale 2, 3, 4"):
+        hub("srcnn", scale=5, network="955")
     with pytest.raises(ValueError, match="network must be one of 915, 955, not '935'"):
         hub("srcnn", network="935")
 
