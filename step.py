@@ -73,8 +73,8 @@ def last_layer_by_phase(device: torch.device, bf16: bool = False) -> bool:
     (16 of 48x48: 23.8 ms against 27.5 plain on an AMD EPYC, 15.4 against 18.1 on an Intel Xeon with
     AMX); with AVX2 (blocks of 8) 3-5% slower, before its backward took the input's gradient the
     plain way; the GPU has no such blocks. In bf16 on AMX the plain layer is the faster (8.6 against
-    8.8 ms, 9-5-5 on Y 11.0 against 11.2); bf16 without AMX (AVX512_BF16 alone, AMD EPYC Zen 4) is
-    unmeasured and keeps float32's choice (docs/speed.md)."""
+    8.8 ms, 9-5-5 on Y 11.0 against 11.2); with AVX512_BF16 alone (AMD EPYC Zen 4) by phase is, as
+    in float32 (13.6 against 15.7 ms, 9-5-5 on Y 33.2-34.5 against 36.5-36.8; docs/speed.md)."""
     if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
     return not (bf16 and native_bf16() == "AMX")
