@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import interrupts  # noqa: F401  (first: Ctrl-C while torch loads ends in one line)
+
 import numpy as np
 import torch
 import torch.nn.functional as F

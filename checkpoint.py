@@ -76,11 +76,35 @@ def earlier_run(folder: Path, overwrite: bool) -> list[str]:
     in one line (before any work) that names the command continuing it, unless `overwrite`."""
     held = run_files(folder)
     if held and not overwrite:
-        latest = INTERRUPTED if INTERRUPTED in held else LAST
         raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with `python train.py "
-                        f"resume {folder / latest}`, train into another --checkpoint-dir, or add --overwrite to "
-                        "start over and replace it")
+                        f"resume {shlex.quote(str(latest_in(folder, held)))}`, train into another --checkpoint-dir, "
+                        "or add --overwrite to start over and replace it")
     return held
+
+
+def latest_in(folder: Path, held: list[str]) -> Path:
+    """The checkpoint that continues the run in `folder` (which holds the files `held`): interrupted.pth
+    if it is at least as far as last.pth (an older one, left by a version that did not remove it once
+    passed, would train from an earlier state), else last.pth (else whichever it holds)."""
+    if INTERRUPTED in held and LAST in held:
+        interrupted, last = (epoch_of(folder / name) for name in (INTERRUPTED, LAST))
+        return folder / (INTERRUPTED if interrupted >= last else LAST)
+    return folder / next((name for name in (INTERRUPTED, LAST) if name in held), held[-1])
+
+
+def remove_if_passed(interrupted: Path, epoch: int) -> None:
+    """Remove a run's interrupted.pth once the run has saved `epoch`, past it: resuming it then would
+    train again from an older state, and a hint naming it would mislead."""
+    if interrupted.exists() and epoch_of(interrupted) < epoch:
+        interrupted.unlink()
+
+
+def epoch_of(path: Path) -> float:
+    """The epochs a run's checkpoint has completed (-inf if it cannot be read as one)."""
+    try:
+        return float(load(path).get("epoch", -math.inf))
+    except (UserError, TypeError, ValueError):
+        return -math.inf
 
 
 # ---------------------------------------------------------------- the file

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import interrupts  # noqa: F401  (first: Ctrl-C while torch loads ends in one line)
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError

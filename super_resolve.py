@@ -10,6 +10,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import interrupts  # noqa: F401  (first: Ctrl-C while torch loads ends in one line)
+
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 

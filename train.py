@@ -17,9 +17,12 @@ to go on (processes.py).
 import argparse
 import copy
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
+
+import interrupts  # noqa: F401  (first: Ctrl-C while torch loads ends in one line)
 
 import torch
 from tqdm import tqdm
@@ -257,6 +260,8 @@ class Trainer:
                                                self.scaler, self.generator)
         for name in names:
             checkpoint.save(state, self.out_dir / name)
+        if checkpoint.INTERRUPTED not in names:
+            checkpoint.remove_if_passed(self.out_dir / checkpoint.INTERRUPTED, self.progress.epoch)
         for name in self.replacing:  # the earlier run's files this run has not written over
             if name not in names:
                 (self.out_dir / name).unlink(missing_ok=True)
@@ -266,7 +271,8 @@ class Trainer:
         if self.processes.main:
             self.save(checkpoint.INTERRUPTED)
             path = self.out_dir / checkpoint.INTERRUPTED
-            print(f"interrupted: saved {path}; continue with: python train.py resume {path}", file=sys.stderr)
+            print(f"interrupted: saved {path}; continue with: python train.py resume {shlex.quote(str(path))}",
+                  file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 

@@ -4,8 +4,11 @@ format, the seed and the device."""
 import argparse
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable
+
+from interrupts import interrupted_while_loading
 
 import numpy as np
 import torch
@@ -16,7 +19,10 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a CLI entry point: user errors become one line on stderr and exit code 2."""
+    """Run a CLI entry point: user errors become one line on stderr and exit code 2, Ctrl-C
+    "interrupted" and exit code 130 (interrupts.py gives the same while the imports load)."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main() or 0
     except UserError as err:
