@@ -49,6 +49,7 @@ def read_image(path: str | Path, decode: bool) -> Image.Image:
     try:
         with Image.open(path) as image:
             if not decode:
+                getattr(image, "n_frames", 1)  # counted while the file is open (a GIF's frames are sought)
                 return image
             image.load()
             return ImageOps.exif_transpose(image)
@@ -121,18 +122,29 @@ def with_luma(rgb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return rgb + (y - rgb_to_y(rgb * 255).unsqueeze(-3) / 255) * RGB_PER_LUMA
 
 
+def image_format(path: Path, role: str = "image") -> str:
+    """The Pillow format an image written to `path` takes from its suffix; a path that could not be
+    written, or whose suffix names no format, refused in one line (before any work, where it is called)."""
+    check_writable(path, role)
+    name = Image.registered_extensions().get(path.suffix.lower())
+    if name is None:
+        raise cannot_write(path, f"unknown image file extension {path.suffix!r} (e.g. .png, .jpg, .bmp, .tif)", role)
+    return name
+
+
+def frame_count(path: str | Path) -> int:
+    """The frames an image file holds (an animated GIF or a multi-page TIFF several), from its header."""
+    return getattr(read_image(path, decode=False), "n_frames", 1)
+
+
 def save_image(image: Image.Image, path: Path) -> None:
     """Write an image with Pillow in the format its suffix names (PNG at PNG_COMPRESS_LEVEL)."""
-    check_writable(path, "image")
-    suffix = path.suffix.lower()
-    image_format = Image.registered_extensions().get(suffix)
-    if image_format is None:
-        raise cannot_write(path, f"unknown file extension {path.suffix!r}")
+    suffix, name = path.suffix.lower(), image_format(path)
     if suffix in (".jpg", ".jpeg") and image.mode in ("RGBA", "LA"):
         image = image.convert(image.mode[:-1])
     with atomic_write(path) as f:
         try:
-            image.save(f, format=image_format, **({"compress_level": PNG_COMPRESS_LEVEL} if suffix == ".png" else {}))
+            image.save(f, format=name, **({"compress_level": PNG_COMPRESS_LEVEL} if suffix == ".png" else {}))
         except (ValueError, KeyError) as err:
             raise cannot_write(path, err) from None
 

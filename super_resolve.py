@@ -17,8 +17,18 @@ from tqdm import tqdm
 
 import info
 from checkpoint import MODEL_HELP, SHIPPED_NETWORKS, chosen_checkpoint, load_model
-from data import DEGRADATIONS, IMAGE_SUFFIXES, image_to_tensor, load_image, modcrop, save_image, split_modes, upscale
-from files import check_writable
+from data import (
+    DEGRADATIONS,
+    IMAGE_SUFFIXES,
+    frame_count,
+    image_format,
+    image_to_tensor,
+    load_image,
+    modcrop,
+    save_image,
+    split_modes,
+    upscale,
+)
 from inference import Network, super_resolve_image
 from metrics import psnr, ssim
 from model import ASSIGNMENT, Shape
@@ -141,15 +151,33 @@ def load_ground_truth(path: str, size: tuple[int, int], scale: int) -> Image.Ima
     return hr
 
 
-def super_resolve_file(network: Network, source: Path, dest: Path, scale: int, args: argparse.Namespace) -> None:
-    """Upscale one file; every argument that depends on the image is checked before any work."""
-    if dest.exists() and dest.resolve() == source.resolve() and not args.overwrite:
-        raise UserError(f"output {dest} is the input image; pass --overwrite to replace it")
-    for path, role in ((dest, "output"), *([(Path(args.compare), "comparison")] if args.compare else [])):
-        if path.exists() and not args.overwrite:  # not this run's: each of its results has a path of its own
+def check_outputs(pairs: list[tuple[Path, Path]], compare: str | None, overwrite: bool) -> None:
+    """Every path this run writes (each input's result, --compare's picture), refused in one line before
+    the first image is read: an existing file (unless `overwrite`; an input image is named as such), a
+    folder that cannot be written, a suffix that names no image format."""
+    outputs = [(dest, "output", source) for source, dest in pairs]
+    outputs += [(Path(compare), "comparison", None)] if compare else []
+    for path, role, source in outputs:
+        if path.exists() and not overwrite:  # not this run's: each of its results has a path of its own
+            if source is not None and path.resolve() == source.resolve():
+                raise UserError(f"output {path} is the input image; pass --overwrite to replace it")
             raise UserError(f"{role} {path} exists already; pass --overwrite to replace it, or choose another path")
-        check_writable(path, role)
+        image_format(path, role)
+
+
+def existing_results(files: list[Path], dests: list[Path]) -> list[tuple[Path, Path]]:
+    """The (input, result) pairs of a run on several images whose result exists already (an input that
+    is its own result is not one)."""
+    return [(source, dest) for source, dest in zip(files, dests, strict=True)
+            if dest.exists() and dest.resolve() != source.resolve()]
+
+
+def super_resolve_file(network: Network, source: Path, dest: Path, scale: int, args: argparse.Namespace) -> None:
+    """Upscale one file (its output paths checked before, check_outputs); every argument that depends
+    on the image is checked before any work."""
     lr = load_image(source)
+    if (frames := frame_count(source)) > 1:
+        print(f"note: {source} holds {frames} frames; upscaling the first", file=sys.stderr)
     size = (lr.width * scale, lr.height * scale)
     hr = load_ground_truth(args.gt, size, scale) if args.gt else None
     if args.crop:
@@ -197,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model, with one it must agree (default: the checkpoint's, or 3)")
     parser.add_argument("--overwrite", action="store_true", help="let outputs replace files that exist, an input "
                         "included (default: such an image is refused and left as it is)")
+    parser.add_argument("--skip-existing", action="store_true", help="of several inputs, leave out those whose "
+                        "result exists (a folder run again); default: refused before any work, unless --overwrite")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="what runs the network: auto is ONNX "
                         "Runtime (1.21 or later) on the CPU when installed (2.5-3x as fast), else PyTorch")
@@ -227,19 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     device = choose_device(args.cuda)
     model, scale, _ = load_model(checkpoint, device, args.scale)
     network = engine_for(model, args.engine)
-    dests = output_paths(files, args.output, model_tag(model.shape), scale, many)
+    pairs = list(zip(files, output_paths(files, args.output, model_tag(model.shape), scale, many), strict=True))
+    existing = existing_results(files, [dest for _, dest in pairs]) if many and not args.overwrite else []
+    if existing and not args.skip_existing:
+        raise UserError(f"{len(existing)} of the {len(pairs)} results exist already, e.g. {existing[0][1]}; pass "
+                        "--skip-existing to upscale only the others, or --overwrite to replace them")
+    pairs = [pair for pair in pairs if pair not in existing]
+    check_outputs(pairs, args.compare, args.overwrite)
     if not many:
-        super_resolve_file(network, files[0], dests[0], scale, args)
+        super_resolve_file(network, *pairs[0], scale, args)
         return 0
     failed = 0
-    for source, dest in tqdm(list(zip(files, dests, strict=True)), desc="super-resolve", unit="image",
-                             file=sys.stderr):
+    for source, dest in tqdm(pairs, desc="super-resolve", unit="image", file=sys.stderr):
         try:
             super_resolve_file(network, source, dest, scale, args)
         except UserError as err:
             failed += 1
             tqdm.write(f"warning: skipped {source}: {err}", file=sys.stderr)
-    print(f"{len(files) - failed} image(s) written, {failed} failed", file=sys.stderr)
+    skipped = f", {len(existing)} skipped (their results exist)" if existing else ""
+    print(f"{len(pairs) - failed} image(s) written, {failed} failed{skipped}", file=sys.stderr)
     return 1 if failed else 0
 
 

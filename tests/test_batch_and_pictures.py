@@ -86,9 +86,10 @@ def test_a_crop_outside_the_output_is_refused_before_any_work(cli, weights, tmp_
 
 def test_no_result_replaces_another_or_a_file_this_run_did_not_write(cli, weights, tmp_path):
     """Issue 60: x.tiff and x.webp in one folder gave one x_srcnn_x3.png ("8 written", 7 on disk); a
-    second run replaced the first's results. Now each input has a path of its own, an existing file
-    is refused (left as it is, exit 1) unless --overwrite, and another network's results have their own
-    names (the quick start's default and 9-5-5 models)."""
+    second run replaced the first's results. Now each input has a path of its own, existing results
+    are refused in one line before any work (every file as it was) unless --overwrite, or left out with
+    --skip-existing (issue 69: they had counted as failures, exit 1), and another network's results have
+    their own names (the quick start's default and 9-5-5 models)."""
     for suffix in ("tiff", "webp", "png"):
         Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / f"x.{suffix}")
     first = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path))
@@ -97,9 +98,14 @@ def test_no_result_replaces_another_or_a_file_this_run_did_not_write(cli, weight
     assert written == ["x_png_srcnn_x3.png", "x_tiff_srcnn_x3.png", "x_webp_srcnn_x3.png"]
     before = {name: (tmp_path / name).read_bytes() for name in written}
     again = cli("super_resolve", "--checkpoint", str(ROOT / "checkpoint.pth"), str(tmp_path))
-    assert again.returncode == 1 and "0 image(s) written, 3 failed" in again.stderr
-    assert "exists already; pass --overwrite" in again.stderr
+    assert_clean_error(again, "3 of the 3 results exist already", "--skip-existing", "--overwrite")
     assert {name: (tmp_path / name).read_bytes() for name in written} == before
+    (tmp_path / "y.png").write_bytes((tmp_path / "x.png").read_bytes())
+    skipping = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path), "--skip-existing")
+    assert skipping.returncode == 0 and "1 image(s) written, 0 failed, 3 skipped" in skipping.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in written} == before
+    (tmp_path / "y.png").unlink()
+    (tmp_path / "y_srcnn_x3.png").unlink()
     single = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "x.png"), "--output",
                  str(tmp_path / "x_png_srcnn_x3.png"))
     assert_clean_error(single, "exists already", "--overwrite")
@@ -119,3 +125,32 @@ def test_inputs_that_would_share_an_output_are_refused_before_any_work(cli, weig
                  str(tmp_path / "b" / "x.png"), "--output", str(tmp_path / "out"))
     assert_clean_error(result, "would both be written to", str(tmp_path / "out" / "x_png_srcnn_x3.png"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--output", "--compare"])
+def test_an_output_path_with_no_image_format_is_refused_before_any_image_is_read(cli, weights, tmp_path, flag,
+                                                                                 monkeypatch):
+    """Issue 69: `--output big_out.xyz` upscaled for 55 s, then failed on the extension; `--compare
+    cmp.xyz` failed after the output was written. Every output path is now checked before the first
+    image is read (here reading it would fail the test), and nothing is written."""
+    import super_resolve
+
+    Image.effect_noise((6, 5), 40).convert("RGB").save(tmp_path / "x.png")
+    monkeypatch.setattr(super_resolve, "load_image", lambda path: pytest.fail(f"{path} was read"))
+    paths = {"--output": str(tmp_path / "out.png"), "--gt": str(tmp_path / "x.png")}
+    paths[flag] = str(tmp_path / "out.xyz")
+    result = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "x.png"),
+                 *[part for pair in paths.items() for part in pair])
+    assert_clean_error(result, "unknown image file extension '.xyz'", str(tmp_path / "out.xyz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_a_multi_frame_image_says_it_takes_the_first_frame(cli, weights, tmp_path):
+    """Issue 69: an animated GIF was upscaled from its first frame without a word."""
+    frames = [Image.new("RGB", (6, 5), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    result = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "anim.gif"))
+    assert result.returncode == 0 and "anim.gif holds 3 frames; upscaling the first" in result.stderr
+    frames[0].save(tmp_path / "still.gif")
+    result = cli("super_resolve", "--checkpoint", str(weights), str(tmp_path / "still.gif"))
+    assert result.returncode == 0 and "frames" not in result.stderr
