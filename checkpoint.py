@@ -131,6 +131,9 @@ def to_cpu(value):
 def load(path: str | Path) -> dict:
     """Read a checkpoint safely (tensors and primitives only; pickled code is refused)."""
     path = Path(path)
+    if path.is_dir():
+        inside = f"; the run in it ends at {path / LAST}" if (path / LAST).is_file() else ""
+        raise UserError(f"{path} is a folder, not a checkpoint file{inside}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -360,12 +363,18 @@ def check_resumable(path: str | Path, checkpoint: dict) -> None:
 def resume_options(path: str | Path, checkpoint: dict, given: dict, defaults: dict) -> dict:
     """The arguments `resume` trains with: the checkpoint's, overridden by the flags `given` on the
     command line; `defaults` (the train command's) fill options newer than the checkpoint. The
-    device is chosen anew by every run; the scale and the network's shape are the checkpoint's."""
+    device is chosen anew by every run; the scale and the network's shape are the checkpoint's; a
+    --num-epoch already reached ends in one line, before any work."""
     scale_of(checkpoint, path, given.get("scale"))
     shape = shape_of(checkpoint, path)
     if shape_of_args({**checkpoint["args"], **given}) != shape:
         raise UserError(f"{path} holds SRCNN {shape}; --network, --widths and --channels cannot change it")
-    return {**defaults, **checkpoint["args"], "cuda": False, **given}
+    saved = {k: v for k, v in checkpoint["args"].items() if not (k == "bf16_probe" and "amp" in given)}
+    options = {**defaults, **saved, "cuda": False, **given}  # an --amp given anew is probed anew
+    if checkpoint["epoch"] >= options["num_epoch"]:
+        raise UserError(f"nothing to do: {path} has trained {checkpoint['epoch']} epochs, and --num-epoch "
+                        f"{options['num_epoch']} asks for no more; give a larger --num-epoch to train on")
+    return options
 
 
 def training_sets(args: dict) -> list[str]:

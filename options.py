@@ -2,6 +2,7 @@
 range each must lie in (checked before any work), and how a recipe file (recipes/*.args) is read."""
 
 import argparse
+import math
 import re
 import shlex
 from collections.abc import Callable
@@ -33,7 +34,9 @@ def add_run_flags(flag: Callable[..., None]) -> None:
     flag("--cuda", action="store_true", help="train on the GPU")
     flag("--lr", type=float, default=1e-4, help="Adam learning rate")
     flag("--batch-size", type=int, default=128, help="patches per step")
-    flag("--num-epoch", type=int, default=100, help="train until this many epochs in total")
+    flag("--num-epoch", type=epochs, default=100, metavar="E",
+         help="train until this many epochs in total; a fraction ends the last epoch early, after that share of "
+              "its batches (e.g. 7.5), and the warm-up and cosine schedule end with it")
     flag("--save-freq", type=int, default=10, help="write checkpoint.<epoch>.pth every N epochs")
     flag("--scale", type=int, default=3, help="upscaling factor")
     flag("--seed", type=int, default=0, help="random seed")
@@ -112,6 +115,15 @@ def byte_size(text: str) -> str:
     return text
 
 
+def epochs(text: str) -> int | float:
+    """--num-epoch's value: a whole number of epochs, or a fraction of one more (kept as written)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs such as 20 or 7.5, not {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def filter_sizes(text: str) -> str:
     """--network's value: three odd filter sizes joined by '-', as the paper names its networks."""
     try:
@@ -120,27 +132,40 @@ def filter_sizes(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected three odd filter sizes such as 9-5-5, not {text!r}") from None
 
 
+SEED_MAX = 2**32 - 1  # the largest seed numpy's generator takes
+
+# One rule per numeric training flag: (holds for the flag's value in these arguments, what it must be).
+# check_training_args applies them before any work; tests/test_errors.py walks each through its bounds.
+RULES: dict[str, tuple[Callable[[dict], bool], str]] = {
+    "lr": (lambda a: 0 < a["lr"] < math.inf, "must be a positive number"),
+    "min_lr": (lambda a: 0 <= a["min_lr"] < math.inf and (a["lr_decay"] != "cosine" or a["min_lr"] <= a["lr"]),
+               "must be at least 0, and at most --lr with --lr-decay cosine"),
+    "warmup": (lambda a: 0 <= a["warmup"] < math.inf, "must be a number of epochs, at least 0"),
+    "ema_decay": (lambda a: 0 <= a["ema_decay"] < 1, "must lie in [0, 1)"),
+    "batch_size": (lambda a: a["batch_size"] >= 1, "must be at least 1"),
+    "num_epoch": (lambda a: 0 < a["num_epoch"] < math.inf, "must be a positive number of epochs"),
+    "save_freq": (lambda a: a["save_freq"] >= 1, "must be at least 1"),
+    "seed": (lambda a: 0 <= a["seed"] <= SEED_MAX, f"must lie in [0, {SEED_MAX}]"),
+    "patch_size": (lambda a: a["patch_size"] >= 1, "must be at least 1"),
+    "stride": (lambda a: a["stride"] >= 1, "must be at least 1"),
+    "scale": (lambda a: 2 <= a["scale"] <= a["patch_size"],
+              "must be at least 2 and at most --patch-size (a patch holds at least one low-resolution pixel)"),
+    "loss_border": (lambda a: 0 <= a["loss_border"] < a["patch_size"] // 2,
+                    "must be at least 0 and less than half the patch size"),
+    "zooms": (lambda a: all(0 < z <= 1 for z in a["zooms"]),
+              "must lie in (0, 1]: the training images are only ever shrunk"),
+    "widths": (lambda a: all(n >= 1 for n in a["widths"]), "must be at least 1"),
+    "workers": (lambda a: a["workers"] >= 0, "must be at least 0 (0: read in the training process)"),
+    "pass_patches": (lambda a: a["pass_patches"] is None or a["pass_patches"] >= 1, "must be at least 1"),
+}
+
+
 def check_training_args(args: dict) -> None:
-    """Every training flag within its range, so a bad value ends in one line, not deep in training."""
-    for key in ("batch_size", "num_epoch", "save_freq", "patch_size", "stride"):
-        if args[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
-    if args["scale"] < 2:
-        raise UserError("--scale must be at least 2")
-    if not args["lr"] > 0:
-        raise UserError("--lr must be positive")
-    if args["pass_patches"] is not None and args["pass_patches"] < 1:
-        raise UserError("--pass-patches must be at least 1")
-    if args["workers"] < 0:
-        raise UserError("--workers must be at least 0 (0: read in the training process)")
-    if not 0 <= args["loss_border"] < args["patch_size"] // 2:
-        raise UserError("--loss-border must be at least 0 and less than half the patch size")
-    if not 0 <= args["ema_decay"] < 1:
-        raise UserError("--ema-decay must lie in [0, 1)")
-    if not all(0 < z <= 1 for z in args["zooms"]):
-        raise UserError("--zooms must lie in (0, 1]: the training images are only ever shrunk")
-    if not all(n >= 1 for n in args["widths"]):
-        raise UserError("--widths must be at least 1")
+    """Every training flag within its range (RULES), so a bad value ends in one line naming the flag,
+    before any data is read, not deep in training."""
+    for key, (holds, must) in RULES.items():
+        if not holds(args):
+            raise UserError(f"--{key.replace('_', '-')} {must}")
 
 
 def recipe_line_to_args(line: str) -> list[str]:

@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.check_resumable(args.checkpoint, resumed)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoint")}
     defaults = {k: v for k, v in vars(train_parser.parse_args([])).items() if k != "overwrite"}
+    check_training_args({**defaults, **resumed["args"], **given})  # before the checkpoint's checks use them
     options = checkpoint.resume_options(args.checkpoint, resumed, given, defaults)
-    check_training_args(options)
     return fit(options, resumed, command=command)
 
 

@@ -1,13 +1,16 @@
 """Errors a user can cause: one clear line on stderr, non-zero exit, no traceback, nothing lost."""
 
+import math
 import os
 import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import assert_clean_error, run
+from conftest import ROOT, assert_clean_error, run
 from model import SRCNN, Shape
 
 
@@ -237,3 +240,82 @@ def test_a_bare_state_dict_takes_its_scale_from_the_command(cli, weights, lr_ima
     shown = cli("train", "inspect", str(weights)).stdout
     assert "a bare state_dict" in shown and "taken as x3 unless" in shown and "None" not in shown
     assert_clean_error(cli("super_resolve", "--checkpoint", str(weights), "--scale", "1", str(lr_image)), "--scale")
+
+
+# Every numeric flag through its bounds (issue 69: `--seed -1` ended in a traceback after loading the data,
+# `--min-lr -1` trained and saved a model of 7.7 dB): (values outside its range, values inside it), the other
+# arguments at their defaults (--lr 1e-4, --min-lr 1e-6, --scale 3, --patch-size 33, --loss-border 0) and
+# --lr-decay cosine (where --min-lr must not exceed --lr).
+OUTSIDE_AND_INSIDE = {
+    "lr": (st.floats(max_value=0) | st.sampled_from([math.inf, math.nan]), st.floats(1e-6, 1.0)),
+    "min_lr": (st.floats(max_value=-1e-12) | st.floats(min_value=1.001e-4) | st.just(math.nan), st.floats(0, 1e-4)),
+    "warmup": (st.floats(max_value=-1e-12) | st.sampled_from([math.inf, math.nan]), st.floats(0, 1e4)),
+    "ema_decay": (st.floats(max_value=-1e-12) | st.floats(min_value=1) | st.just(math.nan), st.floats(0, 0.99999)),
+    "batch_size": (st.integers(max_value=0), st.integers(1, 4096)),
+    "num_epoch": (st.floats(max_value=0) | st.sampled_from([math.inf, math.nan]), st.floats(1e-3, 1e4)),
+    "save_freq": (st.integers(max_value=0), st.integers(1, 10**6)),
+    "seed": (st.integers(max_value=-1) | st.integers(min_value=2**32), st.integers(0, 2**32 - 1)),
+    "patch_size": (st.integers(max_value=2), st.integers(3, 1024)),
+    "stride": (st.integers(max_value=0), st.integers(1, 1024)),
+    "scale": (st.integers(max_value=1) | st.integers(min_value=34), st.integers(2, 33)),
+    "loss_border": (st.integers(max_value=-1) | st.integers(min_value=16), st.integers(0, 15)),
+    "zooms": (st.floats(max_value=0) | st.floats(min_value=1.0001) | st.just(math.nan), st.floats(1e-3, 1)),
+    "widths": (st.integers(max_value=0), st.integers(1, 4096)),
+    "workers": (st.integers(max_value=-1), st.integers(0, 64)),
+    "pass_patches": (st.integers(max_value=0), st.integers(1, 4096)),
+}
+
+
+def test_every_numeric_training_flag_has_a_rule_walked_here():
+    import options
+    from train import build_parser
+
+    numeric = {action.dest for action in build_parser()[1]._actions if action.type in (int, float, options.epochs)}
+    assert numeric == set(OUTSIDE_AND_INSIDE) == set(options.RULES)
+
+
+def flag_value(key: str, value) -> list[str]:
+    if key == "widths":
+        return ["--widths", str(value), "64"]
+    return [f"--{key.replace('_', '-')}={value}"]  # '=': argparse takes -inf as a value, not as a flag
+
+
+# resume's arguments are the checkpoint's: these make them what the ranges above assume
+CONTEXT = {"lr_decay": "cosine", "lr": 1e-4, "min_lr": 1e-6, "patch_size": 33, "num_epoch": 1000}
+
+
+@pytest.mark.parametrize("command", ["train", "resume"])
+@pytest.mark.parametrize("key", list(OUTSIDE_AND_INSIDE))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_numeric_flag_outside_its_range_ends_in_one_line_naming_it_before_any_work(cli, tmp_path, command, key,
+                                                                                    data):
+    """Outside its range: one line naming the flag, before any data is read (there is none at the data
+    root) or any folder made; inside it, options.check_training_args accepts it."""
+    from options import check_training_args
+    from train import build_parser
+
+    outside, inside = OUTSIDE_AND_INSIDE[key]
+    where = ["--data-root", str(tmp_path / "no data"), "--checkpoint-dir", str(tmp_path / "ck")]
+    context = [part for other, value in CONTEXT.items() if other != key for part in flag_value(other, value)]
+    start = ["train"] if command == "train" else ["resume", str(ROOT / "checkpoint.pth")]
+    result = cli("train", *start, *context, *flag_value(key, data.draw(outside)), *where)
+    assert_clean_error(result, f"--{key.replace('_', '-')}")
+    assert "no data" not in result.stderr and not (tmp_path / "ck").exists()
+    defaults = vars(build_parser()[1].parse_args([])) | {"lr_decay": "cosine"}
+    value = data.draw(inside)
+    check_training_args({**defaults, key: [value, 64] if key == "widths" else [value] if key == "zooms" else value})
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scale=st.integers(max_value=1), crop=st.tuples(st.integers(max_value=-1), st.integers(max_value=0)))
+def test_evaluate_and_super_resolve_refuse_numbers_outside_their_range(cli, weights, lr_image, scale, crop):
+    """Their numeric flags: --scale (at least 2, with a checkpoint or without) and --crop's x, y, w, h."""
+    for result in (cli("train", "evaluate", f"--scale={scale}"), cli("super_resolve", f"--scale={scale}", "x.png"),
+                   cli("train", "evaluate", str(weights), f"--scale={scale}"),
+                   cli("super_resolve", "--checkpoint", str(weights), f"--scale={scale}", str(lr_image))):
+        assert_clean_error(result, "--scale must be at least 2")
+    for x, w in ((crop[0], 4), (0, crop[1])):
+        result = cli("super_resolve", "--checkpoint", str(weights), str(lr_image), "--compare", "c.png",
+                     f"--crop=0,{x},{w},4")
+        assert result.returncode == 2 and "Traceback" not in result.stderr and "--crop" in result.stderr
