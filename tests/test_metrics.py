@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from conftest import generated_image
 from data import load_pairs, quantize, rgb_to_y
 from metrics import evaluate, psnr, ssim
 
@@ -23,6 +25,38 @@ def test_psnr_shaves_border_and_rounds_to_8_bit():
     assert psnr(sr, hr, shave=3) == math.inf
     float_sr = torch.full((3, 12, 12), 0.4 / 255)  # rounds to level 0 like a saved image
     assert psnr(float_sr, hr) == math.inf
+
+
+@pytest.mark.parametrize("shave", [1, 2, 3, 4])
+def test_psnr_shaves_exactly_scale_pixels_at_each_border(shave):
+    """Issue 69: a shave off by one went unseen by the quick subset. A difference in the last shaved
+    row or column of any border leaves PSNR infinite; one level in the first kept pixel of each border
+    gives the hand-computed figure (BT.601: one RGB level moves Y by 219/255)."""
+    size = 16
+    hr = torch.full((3, size, size), 100, dtype=torch.uint8)
+    for edge in (shave - 1, size - shave):  # the innermost shaved row and column at both ends
+        sr = hr.clone()
+        sr[:, edge, :] += 1
+        sr[:, :, edge] += 1
+        assert psnr(sr, hr, shave=shave) == math.inf
+    kept, inner = size - 2 * shave, shave + 1
+    for row, column in ((shave, inner), (size - shave - 1, inner), (inner, shave), (inner, size - shave - 1)):
+        sr = hr.clone()  # one pixel in the outermost kept row or column of a border
+        sr[:, row, column] += 1
+        mse = (219 / 255) ** 2 / kept**2  # one pixel of kept x kept off by one Y step
+        assert psnr(sr, hr, shave=shave) == pytest.approx(10 * math.log10(255**2 / mse))
+
+
+def test_ssim_equals_scikit_images_on_a_generated_pair():
+    """Issue 69: a changed window sigma went unseen by the quick subset (only the real-data test,
+    slow, compared with scikit-image). Here a generated picture and a noisy copy, in a second."""
+    hr = torch.from_numpy(np.array(generated_image(40, 5))).permute(2, 0, 1).contiguous()
+    noise = torch.from_numpy(np.random.default_rng(0).normal(0, 12, hr.shape))
+    sr = (hr.double() + noise).round().clamp(0, 255).to(torch.uint8)
+    planes = [rgb_to_y(x.double())[3:-3, 3:-3].numpy() for x in (sr, hr)]
+    expected = structural_similarity(*planes, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=255)
+    assert ssim(sr, hr, shave=3) == pytest.approx(expected, abs=1e-6)
 
 
 def test_rgb_to_y_matches_matlab_range():
