@@ -192,13 +192,15 @@ class Trainer:
         epoch_start = self.generator.get_state()
         position = progress.position or {"batch": 0, "loss_sum": 0.0, "seconds": 0.0}
         batches, transforms = self.draw_epoch()
+        left = args["num_epoch"] - progress.epoch  # under 1 in a fractional last epoch: that share of its batches
+        steps = len(batches) if left >= 1 else max(1, round(left * len(batches)))
         loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
                                 device=processes.device)  # summed on the device: no wait for it per step
         start = time.perf_counter() - position["seconds"]
         self.ddp_model.train()
         with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
                   file=sys.stderr, disable=not processes.main) as bar:
-            for i in range(position["batch"], len(batches)):
+            for i in range(position["batch"], steps):
                 try:
                     loss_sum += self.run_batch(batches[i], int(transforms[i]), progress.epoch + i / len(batches))
                 except UserError:  # a streamed image unreadable now: where the epoch stands is saved first
@@ -207,16 +209,17 @@ class Trainer:
                     raise
                 bar.update()
                 done, seconds = i + 1, time.perf_counter() - start
-                if done % CHECK_EVERY == 0 or done == len(batches):
+                if done % CHECK_EVERY == 0 or done == steps:
                     total, signum = self.check(loss_sum, stop, done)
                     bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
                                     patches_s=f"{done * args['batch_size'] / seconds:.0f}")
-                    if signum and done < len(batches):
+                    if signum and done < steps:
                         self.stopped_at(epoch_start, done, len(batches), total, seconds)
                         return None, signum
         progress.position = None
-        record = {"loss": total / len(self.patches), "seconds": seconds, "patches_per_s": len(self.patches) / seconds,
-                  "lr": learning_rate(args, progress.epoch + (len(batches) - 1) / len(batches))}  # the last batch's
+        trained = min(steps * args["batch_size"], len(self.patches))  # every process's share of the batches
+        record = {"loss": total / trained, "seconds": seconds, "patches_per_s": trained / seconds,
+                  "lr": learning_rate(args, progress.epoch + (steps - 1) / len(batches))}  # the last batch's
         return record, signum
 
     def stopped_at(self, epoch_start: torch.Tensor, done: int, batches: int, loss_sum: float, seconds: float) -> None:
@@ -250,7 +253,7 @@ class Trainer:
         improved = record["psnr"] > progress.best_psnr
         progress.best_psnr = max(progress.best_psnr, record["psnr"])
         names = [checkpoint.LAST] + [checkpoint.BEST] * improved
-        if progress.epoch % args["save_freq"] == 0 or progress.epoch == args["num_epoch"]:
+        if progress.epoch % args["save_freq"] == 0 or progress.epoch >= args["num_epoch"]:
             names.append(checkpoint.numbered(progress.epoch))
         self.save(*names)
 

@@ -243,3 +243,23 @@ def test_the_cosine_schedule_is_pinned_at_its_middle_and_end_and_never_rises_aft
     assert learning_rate(args, 2.5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
     after = [learning_rate(args, 1 + step / 100) for step in range(901)]
     assert all(a >= b for a, b in zip(after, after[1:], strict=False)) and after[0] < 1e-3
+
+
+def test_a_fractional_num_epoch_ends_the_last_epoch_and_the_schedule_together(cli, mini_root, tmp_path):
+    """Issue 70: a run's length in fractional epochs (deterministic: a share of the last epoch's
+    batches), the cosine schedule at --min-lr on the last batch; resume continues from it."""
+    flags = ("--batch-size", "4", "--lr", "1e-3", "--lr-decay", "cosine", "--min-lr", "1e-5", "--warmup", "0.5",
+             "--data-root", str(mini_root), "--checkpoint-dir", str(tmp_path))
+    result = cli("train", "train", *flags, "--num-epoch", "1.5")
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    whole, half = state["history"]
+    assert state["epoch"] == 2 and state["args"]["num_epoch"] == 1.5
+    steps = math.ceil(round(whole["patches_per_s"] * whole["seconds"]) / 4)  # the first epoch's batches of 4
+    assert half["patches_per_s"] * half["seconds"] == pytest.approx(4 * round(steps / 2), abs=1e-6)
+    assert half["lr"] == pytest.approx(learning_rate(state["args"], 1 + (round(steps / 2) - 1) / steps))
+    assert learning_rate(state["args"], 1.5) == pytest.approx(1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "checkpoint.2.pth", "last.pth"]
+    assert cli("train", "resume", str(tmp_path / "last.pth"), "--num-epoch", "3").returncode == 0
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 3
+
