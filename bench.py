@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import interrupts  # noqa: F401  (first: Ctrl-C while torch loads ends in one line)
 
@@ -61,6 +62,8 @@ from utils import HelpFormatter, UserError, choose_device, run_cli
 
 PATCH, BATCH = 33, 128
 CHECKPOINT = Path(__file__).with_name("checkpoint.pth")
+
+T = TypeVar("T")
 
 
 class TextbookPatches(Dataset):
@@ -629,6 +632,9 @@ def print_against_results(r: dict) -> None:
               f"({', '.join(f'{s:.1f}' for s in seconds)}; {r['runs'][name][-1]['patches_per_s']:.0f} patches/s)")
     first, second = r["runs"]
     print(f"{second} against {first}: {r['speedup']:.2f}x as fast")
+    if second == "bf16" and r["speedup"] < 1:
+        print("note: bf16 is slower than float32 on this machine: --amp bf16 trains in float32 here, as its probe "
+              "at the start of a run finds", file=sys.stderr)
 
 
 def print_data_results(r: dict) -> None:
@@ -691,29 +697,55 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(results, indent=2))
 
 
+def measured(what: str, measure: Callable[[], T], figure: Callable[[T], str]) -> T:
+    """Take one measure, saying on stderr what it measures as it starts and its figure as it ends: a
+    whole run takes minutes, and its table comes only at the end."""
+    print(f"{what} ...", end=" ", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = measure()
+    print(f"{figure(result)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return result
+
+
+def slower_in_bf16(steps: dict) -> list[str]:
+    """The steps (by size) whose bf16 took longer than their float32, in words: where --amp bf16's probe
+    trains in float32."""
+    return [f"{size} {steps[f'{size} bf16']:.1f} ms in bf16 against {ms:.1f} in float32"
+            for name, ms in steps.items() if (size := name.removesuffix(" float32")) != name
+            and steps.get(f"{size} bf16", 0) > ms]
+
+
 def speed_benchmark(device: torch.device, shape: Shape, quick: bool) -> dict:
     """Training (train.py's loop against the textbook one, train.py's steps and where their time goes)
     and inference on `device`, each against the matmul rate, with warnings if the machine was busy."""
     reuse_freed_memory()  # as train.py's processes do: without it a step of large passes faulted its
     # activations in afresh (16 of 48x48 in passes of 15 + 1: 39 ms against 29 with it, AMD EPYC)
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
-    ours, textbook = training_rates(device, *((2, 1024) if quick else (4, 4096)), shape)
+    ours, textbook = measured("training, train.py's loop against the textbook one", lambda: training_rates(
+        device, *((2, 1024) if quick else (4, 4096)), shape), lambda r: f"{statistics.median(r[0]):.0f} against "
+        f"{statistics.median(r[1]):.0f} patches/s")
     calls = 20 if quick else 40
-    steps, passes = step_table(device, shape, calls)
-    shares = {f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
-                                         layer_shares(batch, size, device, calls, shape).items()}
-              for batch, size, _ in STEPS}
-    peak = matmul_gflops(3 if quick else 5, device)
-    peaks = {"float32": peak, **({"bf16": matmul_gflops(3 if quick else 5, device, torch.bfloat16)}
-                                 if "bf16" in {name.split()[1] for name in steps} else {})}
-    megapixels = inference_megapixels(SRCNN(shape).to(device, memory_format=torch.channels_last).eval(),
-                                      1 if quick else 3)
+    steps, passes = measured("train.py's steps", lambda: step_table(device, shape, calls),
+                             lambda r: ", ".join(f"{name} {ms:.1f} ms" for name, ms in r[0].items()))
+    shares = measured("where a step's time goes", lambda: {
+        f"{batch}x{size}x{size}": {name: round(share, 3) for name, share in
+                                   layer_shares(batch, size, device, calls, shape).items()}
+        for batch, size, _ in STEPS}, lambda r: f"{len(r)} step(s)")
+    peaks = measured("matmul", lambda: {"float32": matmul_gflops(3 if quick else 5, device), **(
+        {"bf16": matmul_gflops(3 if quick else 5, device, torch.bfloat16)}
+        if "bf16" in {name.split()[1] for name in steps} else {})},
+        lambda r: ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in r.items()))
+    megapixels = measured("inference in PyTorch", lambda: inference_megapixels(
+        SRCNN(shape).to(device, memory_format=torch.channels_last).eval(), 1 if quick else 3), "{:.2f} MP/s".format)
     rss_size = 1000 if quick else 2000
-    rss, rss_seconds = super_resolve_peak_rss(rss_size)
+    rss, rss_seconds = measured("super_resolve.py's peak memory", lambda: super_resolve_peak_rss(rss_size),
+                                lambda r: f"{r[0]:.0f} MiB")
     cpu_model = (load_model(CHECKPOINT, torch.device("cpu"))[0] if shape == ASSIGNMENT  # ONNX Runtime runs on the
                  else SRCNN(shape).to(memory_format=torch.channels_last).eval())  # CPU: so does ours here
-    network = network_megapixels(cpu_model, 1 if quick else 3)
-    end_to_end = None if quick else end_to_end_seconds(1000, 3)  # a small image times start-up, not the job
+    network = measured("the network by engine", lambda: network_megapixels(cpu_model, 1 if quick else 3),
+                       lambda r: ", ".join(f"{name} {rate:.2f} MP/s" for name, rate in r.items()))
+    end_to_end = None if quick else measured(  # a small image times start-up, not the job
+        "end to end, whole processes", lambda: end_to_end_seconds(1000, 3), lambda r: "done")
     busy_end = busy_cpu_seconds()
     others_share = None if busy_start is None or busy_end is None else (
         (busy_end[0] - busy_start[0] - (own_cpu_seconds() - own_start)) / ((time.perf_counter() - start) * busy_end[1])
@@ -801,6 +833,9 @@ def print_results(results: dict) -> None:
     for warning in r["warnings"]:
         print(f"warning: {warning}; these figures are not the machine's own, run again when it is idle",
               file=sys.stderr)
+    if slower := slower_in_bf16(r["step_ms"]):
+        print(f"note: bf16 is slower than float32 on this machine ({'; '.join(slower)}): --amp bf16 trains in "
+              "float32 here, as its probe at the start of a run finds", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ A checkpoint is a plain dict of tensors and plain data (docs/checkpoints.md):
     scaler            with --amp fp16 on CUDA, the loss scaler's state; else None
     args              every training argument, expanded (the flags of `train`, by their dest names); its
                       `network` ("9-5-5"), `widths` ([64, 32]) and `channels` ("rgb" or "y") are
-                      the network's shape; without them it is the assignment's 9-1-5, 64/32, RGB
+                      the network's shape; without them it is the assignment's 9-1-5, 64/32, RGB;
+                      `bf16_probe` ({"float32_ms", "bf16_ms"}), with --amp bf16 on a CPU, what decided
+                      its precision (step.bf16_probe), kept by `resume`
     epoch             epochs done
     history           one dict per epoch: epoch, loss, psnr, ssim, lr, seconds, patches_per_s
     best_psnr         the best evaluation PSNR so far

@@ -136,6 +136,13 @@ class Processes:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return total.item(), int(flag) or None
 
+    def from_main(self, action: Callable[..., T], *args) -> T:
+        """Run `action(*args)` in process 0 alone; every process returns its result (plain data)."""
+        result = [action(*args) if self.main else None]
+        if self.world > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
+
     def agree(self, action: Callable[..., T], *args) -> T:
         """Run `action(*args)` here; a user error in any process ends every process with that error."""
         try:

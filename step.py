@@ -7,7 +7,9 @@ fault, so a run never trains on an update the plain step would not make."""
 
 import contextlib
 import copy
+import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,6 +24,9 @@ PASS_PIXELS = 35_000  # patch pixels per forward/backward pass on a CPU (see cpu
 # TF32 convolutions keep 10-bit mantissas (about 1e-3 relative per product) in both; a wrong
 # learning rate, decay, flip or stale buffer moves a weight by far more.
 CAPTURE_RTOL = 1e-2
+# --amp bf16 on a CPU trains in bf16 only if its probed step is at least this much faster than float32's:
+# a margin, so that a probe's jitter does not flip the choice between runs of the same command
+BF16_GAIN = 1.1
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
@@ -155,19 +160,70 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
 
 
 def autocast_dtype(args: dict, device: torch.device) -> torch.dtype | None:
-    """The forward pass's autocast precision for --amp on `device`: bf16 or fp16 on CUDA, bf16 on a
-    CPU that computes it natively; None (float32) otherwise, said in one line when --amp asked for more."""
+    """The forward pass's autocast precision for --amp on `device`: bf16 or fp16 on CUDA; bf16 on a CPU
+    that computes it natively and whose probe (bf16_probe, recorded in args) found it faster; None
+    (float32) otherwise, said in one line when --amp asked for more."""
     amp = args.get("amp", "off")
     if amp == "off":
         return None
     if device.type == "cuda":
         return torch.float16 if amp == "fp16" else torch.bfloat16
-    if amp == "bf16" and native_bf16():
+    probe = args.get("bf16_probe")
+    if amp == "bf16" and native_bf16() and (probe is None or bf16_faster(probe)):
         return torch.bfloat16
-    why = ("--amp fp16 applies to CUDA only" if amp == "fp16" else
-           "this CPU does not compute bfloat16 natively (neither AVX512_BF16 nor AMX), where it runs slower")
+    if amp == "fp16":
+        why = "--amp fp16 applies to CUDA only"
+    elif native_bf16():
+        why = f"--amp bf16 is not faster on this CPU ({probe_figures(probe)})"
+    else:
+        why = "this CPU does not compute bfloat16 natively (neither AVX512_BF16 nor AMX), where it runs slower"
     print(f"note: {why}; training on the CPU in float32", file=sys.stderr)
     return None
+
+
+def needs_bf16_probe(args: dict, device: torch.device) -> bool:
+    """Whether this run must time its step in both precisions before it trains: --amp bf16 on a CPU that
+    computes bfloat16 natively, with no probe recorded (a resumed run keeps its run's choice)."""
+    return device.type == "cpu" and args.get("amp") == "bf16" and native_bf16() is not None \
+        and args.get("bf16_probe") is None
+
+
+def bf16_probe(model: nn.Module, batch_size: int, patch_size: int, pass_patches: int, border: int,
+               repeats: int = 3) -> dict[str, float]:
+    """Milliseconds of this run's step (a copy of its network; its batch, patch size and passes; random
+    patches) in float32 and in bf16, each the best of `repeats` timed alternately after one untimed
+    step: a CPU's flags do not say whether its bf16 is faster (on one that reports AVX512_BF16 without
+    AMX it was slower, docs/speed.md). Nothing of the run is touched: not its weights, not its random
+    numbers."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch_size, model.shape.channels, patch_size, patch_size)
+    x, y = (torch.rand(shape, generator=generator).contiguous(memory_format=torch.channels_last) for _ in "xy")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    best = {"float32": math.inf, "bf16": math.inf}
+    copies = {name: copy.deepcopy(model) for name in best}
+    for name, probe_model in copies.items():
+        probe_model.last_layer_by_phase = last_layer_by_phase(torch.device("cpu"), name == "bf16")
+    for round_ in range(repeats + 1):
+        for name, probe_model in copies.items():
+            optimizer = torch.optim.Adam(probe_model.parameters())
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16", cache_enabled=False)
+            start = time.perf_counter()
+            train_step(probe_model, optimizer, x, y, autocast, scaler, border, pass_patches)
+            if round_:  # the first round sets up each precision's kernels
+                best[name] = min(best[name], (time.perf_counter() - start) * 1000)
+    return {"float32_ms": round(best["float32"], 2), "bf16_ms": round(best["bf16"], 2)}
+
+
+def bf16_faster(probe: dict) -> bool:
+    """Whether a probe found bf16 worth taking: at least BF16_GAIN times float32's speed."""
+    return probe["float32_ms"] >= BF16_GAIN * probe["bf16_ms"]
+
+
+def probe_figures(probe: dict | None) -> str:
+    """A probe's figures as a run prints and records them."""
+    if probe is None:
+        return "not probed"
+    return f"probed: a step {probe['bf16_ms']:.1f} ms in bf16 against {probe['float32_ms']:.1f} in float32"
 
 
 def mixed_precision(args: dict, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:

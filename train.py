@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import checkpoint
 import info
+import step
 from data import DEGRADATIONS, ImagePairs, TrainingPatches, held_bytes, shared_images
 from download import default_data_root
 from files import removed_if_left_empty, writable_folder
@@ -37,20 +38,6 @@ from model import SRCNN, init_identity_
 from options import add_training_flags, check_training_args, parse_bytes, recipe_line_to_args, training_folders
 from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
-from step import (
-    PASS_PIXELS,
-    CapturedStep,
-    capturable,
-    cpu_pass,
-    last_layer_by_phase,
-    make_batch,
-    mixed_precision,
-    optimizer_steps,
-    precision,
-    set_learning_rate,
-    train_step,
-    update_ema,
-)
 from streaming import StreamedPatches
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
@@ -87,9 +74,15 @@ class Trainer:
         self.replacing = list(replacing)  # an earlier run's files (train --overwrite), removed at the first save
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
-        self.autocast, self.scaler = mixed_precision(args, processes.device)
-        model = SRCNN(checkpoint.shape_of_args(args))  # the last layer by phase: the same sums and weights
-        model.last_layer_by_phase = last_layer_by_phase(processes.device, precision(self.autocast) == "bf16")
+        model = SRCNN(checkpoint.shape_of_args(args))
+        if processes.device.type == "cpu" and args["pass_patches"] is None:  # chosen now and recorded, so
+            args["pass_patches"] = step.cpu_pass(args["patch_size"], args["batch_size"] // processes.world)  # resume
+        if step.needs_bf16_probe(args, processes.device):  # process 0 times the step; every process takes its choice
+            args["bf16_probe"] = processes.from_main(step.bf16_probe, model, args["batch_size"] // processes.world,
+                                                     args["patch_size"], args["pass_patches"], args["loss_border"])
+        self.autocast, self.scaler = step.mixed_precision(args, processes.device)
+        # the last layer by phase: the same sums and weights, faster where this CPU's blocks favour it
+        model.last_layer_by_phase = step.last_layer_by_phase(processes.device, step.precision(self.autocast) == "bf16")
         if args["init"] == "identity":
             init_identity_(model)
         elif init_weights is not None and resumed is None:  # a resumed run has its own weights
@@ -101,40 +94,40 @@ class Trainer:
         self.progress = checkpoint.Progress() if resumed is None else checkpoint.restore_training(
             resumed, self.model, self.ema, self.optimizer, self.scaler, self.generator)
         self.run_entry = {"epoch": self.progress.epoch, "command": command,  # this command's record
-                          "precision": precision(self.autocast)}
+                          "precision": step.precision(self.autocast)}
         if command:
             self.progress.commands.append(self.run_entry)
         self.ddp_model = processes.wrap(self.model)
-        self.captured: CapturedStep | None = None
+        self.captured: step.CapturedStep | None = None
         self.pass_patches: int | None = None  # the GPU's way: the whole batch at once
         self.say_step(self.choose_step())
 
     def choose_step(self) -> str:
         """Set up the step this device takes (step.py); what it is, in words, its precision too."""
         args, device, world = self.args, self.processes.device, self.processes.world
-        forward = f"the forward pass in {precision(self.autocast)}"
+        forward = f"the forward pass in {step.precision(self.autocast)}"
         if device.type == "cpu":  # passes whose activations stay in cache
-            why = "as given or recorded"
-            if args["pass_patches"] is None:  # chosen now and recorded, so that resume passes the same
-                args["pass_patches"] = cpu_pass(args["patch_size"], args["batch_size"] // world)
-                why = f"about {PASS_PIXELS:,} pixels each"
+            if args.get("bf16_probe"):
+                forward += f" ({step.probe_figures(args['bf16_probe'])})"
             self.pass_patches = args["pass_patches"]
+            why = (f"about {step.PASS_PIXELS:,} pixels each" if self.pass_patches == step.cpu_pass(args["patch_size"],
+                   args["batch_size"] // world) else "as given or recorded")
             return (f"CPU step: passes of at most {self.pass_patches} patches ({why}), the last layer "
                     + ("by phase" if self.model.last_layer_by_phase else "plain") + f", {forward}")
-        why_not = CapturedStep.possible(args, device, world)
+        why_not = step.CapturedStep.possible(args, device, world)
         if why_not is not None:
             return f"CUDA step: plain ({why_not}), {forward}"
-        capturable(self.optimizer)
-        self.captured = CapturedStep(self.model, self.optimizer, self.ema, args, self.autocast, self.scaler)
-        return (f"CUDA step: captured as a CUDA graph after {CapturedStep.WARMUP} plain batches, "
+        step.capturable(self.optimizer)
+        self.captured = step.CapturedStep(self.model, self.optimizer, self.ema, args, self.autocast, self.scaler)
+        return (f"CUDA step: captured as a CUDA graph after {step.CapturedStep.WARMUP} plain batches, "
                 f"if it then makes the plain step's update, {forward}")
 
-    def say_step(self, step: str) -> None:
+    def say_step(self, text: str) -> None:
         """Print the step this run takes (on a line of its own, above an epoch's progress bar), and record
         it beside the run's command line."""
         with tqdm.external_write_mode(file=sys.stderr):
-            self.processes.say(step)
-        self.run_entry["step"] = step
+            self.processes.say(text)
+        self.run_entry["step"] = text
 
     @property
     def eval_model(self) -> SRCNN:
@@ -160,7 +153,7 @@ class Trainer:
     def run_batch(self, index: torch.Tensor, transform: int, progress: float) -> torch.Tensor:
         """One step on the patches at `index` under flip/rotation `transform`, at the learning rate
         of `progress` (epochs done); its loss summed over the batch, on the device."""
-        set_learning_rate(self.optimizer, learning_rate(self.args, progress))
+        step.set_learning_rate(self.optimizer, learning_rate(self.args, progress))
         inputs, targets = self.patches.take(index)
         if self.captured is not None and len(index) == self.args["batch_size"]:
             loss = self.captured(inputs, targets, transform)
@@ -168,11 +161,11 @@ class Trainer:
                 return loss * len(index)
             self.say_step(f"CUDA step: plain from epoch {self.progress.epoch + 1} on; {self.captured.failure}")
             self.captured = None
-        inputs, targets = make_batch(inputs, targets, transform, self.model.shape.channels == 1)
-        loss = train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
+        inputs, targets = step.make_batch(inputs, targets, transform, self.model.shape.channels == 1)
+        loss = step.train_step(self.ddp_model, self.optimizer, inputs, targets, self.autocast, self.scaler,
                           self.args["loss_border"], self.pass_patches)
         if self.ema is not None:
-            update_ema(self.ema, self.model, self.args["ema_decay"], optimizer_steps(self.optimizer))
+            step.update_ema(self.ema, self.model, self.args["ema_decay"], step.optimizer_steps(self.optimizer))
         return loss * len(index)
 
     def draw_epoch(self) -> tuple[list[torch.Tensor], torch.Tensor]:

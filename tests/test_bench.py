@@ -16,8 +16,10 @@ from bench import (
     busy_cpu_seconds,
     data_benchmark,
     make_collection,
+    measured,
     own_cpu_seconds,
     reliability_warnings,
+    slower_in_bf16,
     training_epoch,
     tree_memory_bytes,
 )
@@ -31,6 +33,24 @@ def test_repeats_that_disagree_or_a_busy_machine_are_reported():
     assert busy == ["other processes used 50% of the CPU during the run"]
     beyond = reliability_warnings([900], [400], None, {"training": 0.6, "the network (onnxruntime)": 1.17})
     assert beyond == ["the network (onnxruntime) ran at 117% of the measured matmul rate"]
+
+
+def test_each_measure_says_what_it_measures_before_and_its_figure_as_soon_as_it_ends(capsys):
+    """Issue 69: `bench.py --quick` printed nothing for 145 s, then everything at once."""
+    def measure():
+        assert capsys.readouterr().err == "matmul ... "  # said before the work, not after
+        return 123.4
+
+    assert measured("matmul", measure, "{:.0f} GFLOP/s".format) == 123.4
+    err = capsys.readouterr().err
+    assert err.startswith("123 GFLOP/s (") and err.endswith(" s)\n")
+
+
+def test_a_bf16_step_slower_than_float32_is_named():
+    """Issue 69: on an Intel Xeon with AVX512_BF16 but no AMX, bf16 ran the step at 0.45x float32 unflagged."""
+    steps = {"16x48x48 float32": 60.4, "16x48x48 bf16": 135.5, "128x33x33 float32": 80.0, "128x33x33 bf16": 41.0}
+    assert slower_in_bf16(steps) == ["16x48x48 135.5 ms in bf16 against 60.4 in float32"]
+    assert slower_in_bf16({"16x48x48 float32": 60.4}) == []
 
 
 def test_cpu_use_of_the_machine_includes_this_process():
