@@ -95,6 +95,26 @@ def download(root: str | Path, sets: list[str], base_url: str | None = None) -> 
     return fetched
 
 
+def fetch_on_first_use(root: str | Path, names: list[str]) -> None:
+    """The known sets among `names` (set names, not paths) that the default data root lacks, or holds
+    only in part, fetched and verified there as `python data.py download` does, said in one line
+    first, as torchvision's datasets do: after install, training is one command. Another data root
+    (--data-root) is never filled or changed."""
+    if Path(root) != Path(default_data_root()):
+        return
+    rows = [row for row in read_manifest() if row["dataset"] in names]
+    missing = sorted({row["dataset"] for row in rows
+                      if not (path := Path(root) / row["dataset"] / row["file"]).is_file()
+                      or path.stat().st_size != int(row["bytes"])})
+    if not missing:
+        return
+    base_url = os.environ.get("SRCNN_DATA_URL")
+    print(f"note: {', '.join(missing)} not in {root}/: fetching {'them' if len(missing) > 1 else 'it'} "
+          f"(sha256-checked) from {base_url or 'their public URLs'}, as `python data.py download` does",
+          file=sys.stderr)
+    download(root, missing, base_url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="data.py", description="Data sets for SRCNN.", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -54,6 +54,12 @@ def add_run_flags(flag: Callable[..., None]) -> None:
          help="on one GPU, the step captured as a CUDA graph after 3 plain batches and kept if it then makes the "
               "plain step's update (auto), or the plain step always (off: until the captured step has passed the "
               "GPU suite, docs/gpus.md)")
+    flag("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+         help="write the run's curves, an evaluation image's crop every --tensorboard-images epochs, its command "
+              "line and arguments for TensorBoard into DIR (--tensorboard alone: CHECKPOINT_DIR/tensorboard), "
+              "recorded, so that resume writes on into it (default: none)")
+    flag("--tensorboard-images", type=int, default=1, metavar="N",
+         help="with --tensorboard, show the evaluation crop every N epochs (0: never)")
     flag("--pass-patches", type=int, default=None, metavar="N",
          help="on a CPU, the most patches a forward/backward pass takes, the batch in passes of equal size "
               "(default: chosen for this CPU, and recorded)")
@@ -157,6 +163,7 @@ RULES: dict[str, tuple[Callable[[dict], bool], str]] = {
     "widths": (lambda a: all(n >= 1 for n in a["widths"]), "must be at least 1"),
     "workers": (lambda a: a["workers"] >= 0, "must be at least 0 (0: read in the training process)"),
     "pass_patches": (lambda a: a["pass_patches"] is None or a["pass_patches"] >= 1, "must be at least 1"),
+    "tensorboard_images": (lambda a: a["tensorboard_images"] >= 0, "must be at least 0 (0: no pictures)"),
 }
 
 

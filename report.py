@@ -3,6 +3,7 @@
 
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,10 +12,12 @@ import torch
 
 import checkpoint
 from data import ImagePairs
+from download import default_data_root, fetch_on_first_use
 from files import atomic_write, cannot_write, writable_folder
 from metrics import evaluate
 from onnx_engine import engine_for
 from report_html import write_report
+from tensorboard_log import write_history
 from utils import UserError, choose_device
 
 if TYPE_CHECKING:
@@ -81,15 +84,17 @@ def print_summary(summary: dict, whole_history: bool = False) -> None:
 
 def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | None = None,
                         filters: str | None = None, whole_history: bool = False,
-                        reach: list[float] | None = None) -> int:
+                        reach: list[float] | None = None, tensorboard: str | None = None) -> int:
     """Print the summaries (text or JSON; with `reach`, the minutes each run took to reach those
     PSNRs); or draw: with `plot` the training curves of one checkpoint, or the PSNR of several
-    against training minutes; with `filters` the first layer's filters. A drawing prints only
-    where it went."""
+    against training minutes; with `filters` the first layer's filters; or with `tensorboard` write
+    each one's history as a TensorBoard run in that folder. These print only where they went."""
     if filters and len(paths) > 1:
         raise UserError("--filters draws the filters of one checkpoint; name one")
     states = [checkpoint.load(path) for path in paths]
     summaries = [summarize(path, state) for path, state in zip(paths, states, strict=True)]
+    if tensorboard:
+        return write_histories(Path(tensorboard), paths, states)
     if plot and (empty := [s["path"] for s in summaries if not s["history"]]):
         raise UserError(f"{empty[0]} has no training history to plot")
     if filters:
@@ -112,6 +117,21 @@ def inspect_checkpoints(paths: list[str], as_json: bool = False, plot: str | Non
             print()
     if reach:
         print_minutes_to_reach(summaries, reach)
+    return 0
+
+
+def write_histories(folder: Path, paths: list[str], states: list[dict]) -> int:
+    """Each checkpoint's history as a TensorBoard run in `folder`, named by its folder and file
+    (runs_x3_last), so that the shipped models and old runs appear beside new ones."""
+    names = [f"{Path(path).resolve().parent.name}_{Path(path).stem}" for path in paths]
+    for path, name in zip(paths, names, strict=True):
+        if names.count(name) > 1:
+            raise UserError(f"{path}: two checkpoints would be the run {folder / name}; name them separately")
+    writable_folder(folder, "TensorBoard folder")
+    for path, name, state in zip(paths, names, states, strict=True):
+        epochs = write_history(folder / name, state)
+        print(f"{path}: {epochs} epoch(s) written to {folder / name}")
+    print(f"see them with: tensorboard --logdir {shlex.quote(str(folder))}")
     return 0
 
 
@@ -238,13 +258,17 @@ def plot_filters(weight: torch.Tensor, path: Path) -> None:
 def evaluate_checkpoint(path: str, sets: list[str] | None, data_root: str, cuda: bool, self_ensemble: bool,
                         scale: int | None, degradation: str = "pil", report: str | None = None) -> int:
     """Y-PSNR / SSIM of the model and of bicubic on whole data sets, one row per set (and with
-    `self_ensemble` a column for the x8 ensemble). Without `sets`: every one of EVALUATION_SETS found
-    in the data root. With `report`: also the HTML page of report_html.py in that folder."""
+    `self_ensemble` a column for the x8 ensemble). Without `sets`: EVALUATION_SETS, in the default
+    data root fetched on first use, in another the ones found there. With `report`: also the HTML
+    page of report_html.py in that folder."""
     device = choose_device(cuda)
     state = checkpoint.load(path)
     model, scale = checkpoint.model_of(state, path, device), checkpoint.scale_of(state, path, scale)
     network = engine_for(model)  # on the CPU ONNX Runtime when installed: the engine super_resolve.py uses
     root = Path(data_root)
+    if root == Path(default_data_root()):  # all three, the known ones fetched there on first use
+        sets = sets or list(EVALUATION_SETS)
+        fetch_on_first_use(root, [name for name in sets if Path(name).name == name])
     sets = sets or [name for name in EVALUATION_SETS if (root / name).is_dir()] or list(EVALUATION_SETS)
     all_pairs = {name: ImagePairs(root / name, scale, degradation=degradation) for name in sets}  # each found first
     if report:

@@ -30,15 +30,16 @@ from tqdm import tqdm
 import checkpoint
 import info
 import step
-from data import DEGRADATIONS, ImagePairs, TrainingPatches, held_bytes, shared_images
+import tensorboard_log
+from data import DEGRADATIONS
 from download import default_data_root
-from files import removed_if_left_empty, writable_folder
+from files import removed_if_left_empty
 from metrics import evaluate
 from model import SRCNN, init_identity_
-from options import add_training_flags, check_training_args, parse_bytes, recipe_line_to_args, training_folders
+from options import add_training_flags, check_training_args, recipe_line_to_args, training_folders
 from processes import Processes, StopRequest
 from report import EVALUATION_SETS, evaluate_checkpoint, inspect_checkpoints
-from streaming import StreamedPatches
+from training_data import fetch_sets_on_first_use, load_data
 from utils import HelpFormatter, UserError, run_cli, seed_everything
 
 CHECK_EVERY = 10  # batches between checks of the loss and of stop signals: the only host synchronisations
@@ -72,6 +73,7 @@ class Trainer:
                  init_weights: dict | None = None, command: str | None = None, replacing: list[str] = ()) -> None:
         self.args, self.processes, self.out_dir = args, processes, Path(args["checkpoint_dir"])
         self.replacing = list(replacing)  # an earlier run's files (train --overwrite), removed at the first save
+        processes.agree(fetch_sets_on_first_use, args, processes.main)  # process 0 fetches; the others wait
         self.patches, self.eval_pairs = processes.agree(load_data, args, processes)
         seed_everything(args["seed"])
         model = SRCNN(checkpoint.shape_of_args(args))
@@ -100,7 +102,9 @@ class Trainer:
         self.ddp_model = processes.wrap(self.model)
         self.captured: step.CapturedStep | None = None
         self.pass_patches: int | None = None  # the GPU's way: the whole batch at once
+        self.steps = step.optimizer_steps(self.optimizer)  # counted on from here on the host: the board's axis
         self.say_step(self.choose_step())
+        self.board = tensorboard_log.open_board(args, self.steps, command, self.run_entry["step"], processes.main)
 
     def choose_step(self) -> str:
         """Set up the step this device takes (step.py); what it is, in words, its precision too."""
@@ -146,6 +150,8 @@ class Trainer:
                     self.processes.agree(self.end_epoch, record)
                 if signum:  # mid-epoch, or at the end of one: every process agreed to stop here
                     return self.processes.agree(self.save_interrupted, signum)
+        if self.board:
+            self.board.finish(self.steps, args, progress.best_psnr, progress.history[-1]["psnr"])
         self.processes.say(f"done: best {args['eval_set']} PSNR {progress.best_psnr:.3f} dB; "
                            f"checkpoints in {self.out_dir}")
         return 0
@@ -154,6 +160,7 @@ class Trainer:
         """One step on the patches at `index` under flip/rotation `transform`, at the learning rate
         of `progress` (epochs done); its loss summed over the batch, on the device."""
         step.set_learning_rate(self.optimizer, learning_rate(self.args, progress))
+        self.steps += 1
         inputs, targets = self.patches.take(index)
         if self.captured is not None and len(index) == self.args["batch_size"]:
             loss = self.captured(inputs, targets, transform)
@@ -190,6 +197,7 @@ class Trainer:
         loss_sum = torch.tensor(position["loss_sum"] if processes.main else 0.0, dtype=torch.float64,
                                 device=processes.device)  # summed on the device: no wait for it per step
         start = time.perf_counter() - position["seconds"]
+        window = (position["batch"], position["loss_sum"])  # (batches, loss sum) at the last check
         self.ddp_model.train()
         with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
                   file=sys.stderr, disable=not processes.main) as bar:
@@ -204,6 +212,11 @@ class Trainer:
                 done, seconds = i + 1, time.perf_counter() - start
                 if done % CHECK_EVERY == 0 or done == steps:
                     total, signum = self.check(loss_sum, stop, done)
+                    if self.board:  # the loss of the batches since the last check, read there anyway
+                        self.board.training(self.steps, (total - window[1]) / ((done - window[0]) * args["batch_size"]),
+                                            learning_rate(args, progress.epoch + i / len(batches)),
+                                            done * args["batch_size"] / seconds)
+                    window = (done, total)
                     bar.set_postfix(loss=f"{total / (done * args['batch_size']):.5f}",
                                     patches_s=f"{done * args['batch_size'] / seconds:.0f}")
                     if signum and done < steps:
@@ -243,6 +256,8 @@ class Trainer:
         print(f"epoch {progress.epoch:4d}  loss {record['loss']:.6f}  {args['eval_set']} PSNR {record['psnr']:.3f} dB"
               f"  SSIM {record['ssim']:.4f}  {record['seconds']:.1f} s  ({record['patches_per_s']:.0f} patches/s)",
               flush=True)
+        if self.board:
+            self.board.epoch(self.steps, args, progress.history, self.eval_model, self.eval_pairs)
         improved = record["psnr"] > progress.best_psnr
         progress.best_psnr = max(progress.best_psnr, record["psnr"])
         names = [checkpoint.LAST] + [checkpoint.BEST] * improved
@@ -264,39 +279,14 @@ class Trainer:
         self.replacing = []
 
     def save_interrupted(self, signum: int) -> int:
+        if self.board:
+            self.board.close()
         if self.processes.main:
             self.save(checkpoint.INTERRUPTED)
             path = self.out_dir / checkpoint.INTERRUPTED
             print(f"interrupted: saved {path}; continue with: python train.py resume {shlex.quote(str(path))}",
                   file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def load_data(args: dict, processes: Processes) -> tuple[TrainingPatches | StreamedPatches, ImagePairs | list]:
-    """The training patches (on the training device) and, for rank 0, the evaluation pairs (read an
-    image at a time at every evaluation); rank 0 also makes sure the checkpoint folder can be
-    written before any training."""
-    root, folders = Path(args["data_root"]), training_folders(args)
-    kinds = len(DEGRADATIONS) if args["degradation"] == "mixed" else 1
-    needed, budget = held_bytes(folders, args["scale"], args["zooms"], kinds), parse_bytes(args["data_memory"])
-    if needed <= budget:  # all at once: the same batches as ever
-        patches = TrainingPatches(folders, args["scale"], args["patch_size"], args["stride"],
-                                  args["zooms"], processes.device, args["degradation"])
-    else:  # a part at a time, each process its own share, every image read whole once first
-        processes.say(f"the training images take {needed / 1e3:,.0f} KB, more than --data-memory "
-                      f"{args['data_memory']}: streamed in parts of up to {budget // 2 / 1e3:,.0f} KB a process")
-        patches = StreamedPatches(folders, args["scale"], args["patch_size"], args["stride"], args["zooms"],
-                                  processes.device, args["degradation"], budget, args["workers"],
-                                  processes.rank, processes.world)
-        count, seconds = patches.check_images()
-        processes.say(f"checked by reading every image whole: {count} in {seconds:.1f} s")
-    if not processes.main:
-        return patches, []
-    if shared := shared_images(folders, root / args["eval_set"]):
-        processes.say(f"note: {len(shared)} training image(s) are also in the evaluation set, e.g. {shared[0]}")
-    writable_folder(Path(args["checkpoint_dir"]), "checkpoint folder")
-    evaluated_as = "matlab" if args["degradation"] == "matlab" else "pil"  # mixed training: evaluated on Pillow's
-    return patches, ImagePairs(root / args["eval_set"], args["scale"], degradation=evaluated_as)
 
 
 def fit(args: dict, resumed: dict | None = None, init_weights: dict | None = None, command: str | None = None,
@@ -338,6 +328,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     insp.add_argument("--plot", metavar="PATH", help="draw the training curves into an image; of several checkpoints, "
                       "their PSNR against training minutes (default: no picture)")
     insp.add_argument("--filters", metavar="PATH", help="draw the 64 first-layer filters (default: no picture)")
+    insp.add_argument("--tensorboard", metavar="DIR", help="write each checkpoint's recorded history and command "
+                      "lines as a TensorBoard run, DIR/<its folder>_<its name> (default: none)")
     insp.add_argument("--reach", type=float, nargs="+", metavar="DB", help="also print the minutes of training "
                       "each run took to reach these evaluation PSNRs, e.g. 30.40 32.00 32.39 (default: none)")
     ev = command("evaluate", "Y-PSNR / SSIM of a checkpoint and of bicubic on whole data sets")
@@ -364,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     command = checkpoint.launch_command(argv)
 
     if args.command == "inspect":
-        return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history, args.reach)
+        return inspect_checkpoints(args.checkpoints, args.json, args.plot, args.filters, args.history, args.reach,
+                                   args.tensorboard)
     if args.command == "evaluate":
         path = str(checkpoint.chosen_checkpoint(args.checkpoint, args.scale, args.model, "name a checkpoint "
                                                 "trained at that scale: python train.py evaluate CHECKPOINT"))

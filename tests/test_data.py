@@ -97,6 +97,63 @@ def data_server(real_data, tmp_path):
     server.shutdown()
 
 
+@pytest.fixture()
+def first_use(real_data, tmp_path, monkeypatch):
+    """A user's first run: the default data root (SRCNN_DATA_ROOT) empty, a mirror on 127.0.0.1
+    (SRCNN_DATA_URL) serving copies of T91 and Set5."""
+    served = tmp_path / "served"
+    for name in ("T91", "Set5"):
+        shutil.copytree(real_data / name, served / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SRCNN_DATA_ROOT", str(tmp_path / "datasets"))
+    monkeypatch.setenv("SRCNN_DATA_URL", f"http://127.0.0.1:{server.server_port}")
+    yield tmp_path / "datasets", served
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_the_first_training_run_fetches_the_known_sets_it_needs(cli, first_use, tmp_path):
+    """Issue 71: a new user's first `train` ended in "fix: python data.py download ..."; now the sets it
+    names that the default data root lacks are fetched there (verified), said in one line, and a
+    second run fetches nothing."""
+    root, _ = first_use
+    flags = ("--num-epoch", "0.01", "--batch-size", "16", "--patch-size", "48", "--stride", "48")
+    result = cli("train", "train", *flags, "--checkpoint-dir", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert "note: Set5, T91 not in" in result.stderr and "sha256-checked" in result.stderr
+    for name in ("T91", "Set5"):
+        rows = [r for r in read_manifest() if r["dataset"] == name]
+        assert sorted(p.name for p in (root / name).iterdir()) == sorted(r["file"] for r in rows)
+    again = cli("train", "train", *flags, "--checkpoint-dir", str(tmp_path / "b"))
+    assert again.returncode == 0 and "fetching" not in again.stderr
+
+
+def test_a_mirror_serving_a_corrupt_file_on_first_use_keeps_nothing_of_it(cli, first_use, tmp_path):
+    root, served = first_use
+    victim = served / "Set5" / "bird.png"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = cli("train", "evaluate", "--sets", "Set5")
+    assert_clean_error(result, "sha256", "bird.png")
+    assert not (root / "Set5" / "bird.png").exists() and not list((root / "Set5").glob(".*"))
+
+
+def test_first_use_with_no_network_names_the_offline_route_and_a_path_is_never_fetched(cli, first_use, monkeypatch,
+                                                                                      tmp_path):
+    monkeypatch.setenv("SRCNN_DATA_URL", f"http://127.0.0.1:{closed_port()}")
+    result = cli("train", "train", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert_clean_error(result, "is the mirror at http://127.0.0.1", "--data-root")
+    assert not (tmp_path / "ck").exists()
+    elsewhere = tmp_path / "mine"
+    result = cli("train", "train", "--data-root", str(elsewhere), "--checkpoint-dir", str(tmp_path / "ck"))
+    assert_clean_error(result, "T91")
+    assert not elsewhere.exists()  # another data root is never filled
+
+
 def test_download_fetches_verifies_and_skips(cli, data_server, tmp_path):
     url, _ = data_server
     root = tmp_path / "datasets"

@@ -31,9 +31,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(cli, mini_root, tmp_
     flags = ("--batch-size", "8", "--num-epoch", "2", "--lr", "1e-3", "--augment", "--fresh-crops",
              "--data-root", str(mini_root))
     assert cli("train", "train", *flags, "--checkpoint-dir", str(tmp_path / "one")).returncode == 0
-    result = torchrun("train", *flags, "--checkpoint-dir", str(tmp_path / "two"))
+    result = torchrun("train", *flags, "--checkpoint-dir", str(tmp_path / "two"), "--tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("PSNR") == 2  # rank 0 alone evaluates and prints
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # and writes events
     one = torch.load(tmp_path / "one" / "last.pth", weights_only=True)
     two = torch.load(tmp_path / "two" / "last.pth", weights_only=True)
     for key, value in one["model"].items():

@@ -263,6 +263,7 @@ OUTSIDE_AND_INSIDE = {
     "widths": (st.integers(max_value=0), st.integers(1, 4096)),
     "workers": (st.integers(max_value=-1), st.integers(0, 64)),
     "pass_patches": (st.integers(max_value=0), st.integers(1, 4096)),
+    "tensorboard_images": (st.integers(max_value=-1), st.integers(0, 1000)),
 }
 
 
