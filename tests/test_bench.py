@@ -1,4 +1,5 @@
-"""bench.py says when its figures cannot be trusted; its --data collection, training windows and --against."""
+"""bench.py (bench_*.py) says when its figures cannot be trusted; its --data collection, training windows and
+--against."""
 
 import subprocess
 import sys
@@ -10,19 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import (
+from bench_figures import busy_cpu_seconds, measured, own_cpu_seconds, reliability_warnings
+from bench_runs import (
     TrainingRun,
     against_benchmark,
-    busy_cpu_seconds,
     data_benchmark,
     make_collection,
-    measured,
-    own_cpu_seconds,
-    reliability_warnings,
-    slower_in_bf16,
     training_epoch,
     tree_memory_bytes,
 )
+from bench_step import slower_in_bf16
 from utils import UserError
 
 
