@@ -56,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", action="store_true", help="instead: train the x3 recipe on T91 and on a DIV2K-"
                         "sized collection made from the downloaded sets in a temporary folder, 7 epochs of T91 and "
                         "6 windows of 150 s of the collection in turn (--quick: 40 images, 3 epochs and 2 windows "
-                        "of 15 s), and compare memory and speed (about 30 minutes)")
+                        "of 15 s), and compare memory and speed (the longest of these runs: docs/speed.md)")
     parser.add_argument("--against", type=Path, metavar="TREE", help="instead: the x3 recipe's first epoch on T91 "
                         "with this tree's train.py and with TREE's (e.g. `git worktree add /tmp/old <commit>`), "
-                        "alternated 3 times (--quick: 1), and the speed-up (about 6 minutes) (default: none)")
+                        "alternated 3 times (--quick: 1), and the speed-up (default: none)")
     parser.add_argument("--bf16-epochs", action="store_true", help="instead: the x3 recipe's first epoch on T91 "
                         "in float32 and in bf16 (--amp off, --amp bf16), alternated 3 times (--quick: 1), and the "
-                        "speed-up (about 4 minutes)")
+                        "speed-up")
     parser.add_argument("--data-root", default=default_data_root(), help="where T91, Set14 and BSD100 are")
     parser.add_argument("--collection", type=Path, metavar="DIR", help="with --data: make the collection here and "
                         "keep it, or take the one made there before (default: a temporary folder, removed after)")
@@ -99,7 +99,7 @@ def speed_benchmark(device: torch.device, shape: Shape, quick: bool) -> dict:
     """Training (train.py's loop against the textbook one, train.py's steps and where their time goes)
     and inference on `device`, each against the matmul rate, with warnings if the machine was busy."""
     reuse_freed_memory()  # as train.py's processes do: without it a step of large passes faulted its
-    # activations in afresh (16 of 48x48 in passes of 15 + 1: 39 ms against 29 with it, AMD EPYC)
+    # activations in afresh every step (docs/speed.md, "The step as it is now, per kind of machine")
     start, busy_start, own_start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     ours, textbook = measured("training, train.py's loop against the textbook one", lambda: training_rates(
         device, *((2, 1024) if quick else (4, 4096)), shape), lambda r: f"{statistics.median(r[0]):.0f} against "

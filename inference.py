@@ -29,7 +29,7 @@ class Engine(Protocol):
 Network = nn.Module | Engine  # what enhance runs: the model itself, or an engine
 
 
-DEFAULT_TILE = 768  # ONNX Runtime: 96% of its whole-image speed at 512, 100% from 768 (docs/speed.md)
+DEFAULT_TILE = 768  # from about this size ONNX Runtime's tiles run as fast as the whole image (docs/speed.md)
 
 
 # ---------------------------------------------------------------- the network on whole images

@@ -60,7 +60,7 @@ class SRCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ReLU in place: a convolution's backward needs its input, not its output, so nothing autograd
-        # saved is overwritten; the same values, and no fresh buffer (the CPU step 1-2% faster)
+        # saved is overwritten; the same values, and no fresh buffer (the CPU step the faster for it)
         x = torch.relu_(self.conv1(x))
         x = torch.relu_(self.conv2(x))
         return conv_by_phase(x, self.conv3) if self.last_layer_by_phase else self.conv3(x)
@@ -98,8 +98,8 @@ class _ByPhase(torch.autograd.Function):
     the plain convolution's gradients: the weights' by phase, summed back from the shifted copies to
     the k x k weights (the plain way fills blocks of output channels with 3, as the forward does);
     the input's as the plain convolution's transpose, 3 channels in and 32 out, which fills no
-    blocks (by phase its 12 channels in would). A 2-core AMD EPYC with AVX-512, 5 patches of 48x48:
-    the weights' gradient 0.67 ms against 1.40, the input's 0.36 against 0.95 (docs/speed.md)."""
+    blocks (by phase its 12 channels in would): each way the faster where measured (docs/speed.md,
+    "Where the step's time goes")."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ def reuse_freed_memory() -> None:
     frees activations of a few MB, and each one returned was mapped afresh and faulted in page by
     page at the next step. glibc settles on these values by itself once it has freed a block of
     32 MiB, as reading T91 in the training process does; with a streamed set, which worker
-    processes read, it never did, and the steps took about 2,600 page faults each (docs/training.md).
+    processes read, it never did, and every step faulted its activations in afresh (docs/training.md).
     Nothing happens on another C library."""
     try:
         libc = ctypes.CDLL("libc.so.6")

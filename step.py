@@ -61,33 +61,29 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
 def cpu_pass(patch_size: int, batch_size: int) -> int:
     """Patches per forward/backward pass on a CPU: passes of about 35k pixels, of equal size
     (16 patches of 48x48 in one pass, 128 of 33x33 as 4 of 32, 8 of 96x96 as 4 + 4), so that a pass's
-    activations stay in cache. Measured (docs/speed.md) with freed memory reused, as training does
-    (processes.reuse_freed_memory): on a 2-core AMD EPYC with AVX-512 the step took the same time in
-    passes of 18k to 74k pixels, 1.2x as long in passes of 12k (128 of 33x33) and of 140k (the whole
-    batch); with AVX2 the x3 recipe's epoch ran as fast in passes of 12k as of 35k. Smaller passes,
-    chosen per CPU before, had looked faster only in probes that did not reuse freed memory, where a
-    large pass's activations were faulted in afresh every step. The same on every CPU, so that the
-    same command trains the same weights wherever the CPU computes the same sums."""
+    activations stay in cache: with freed memory reused, as training does (processes.reuse_freed_memory),
+    a wide range of pass sizes around it ran the step equally fast, much smaller passes and the whole
+    batch slower (docs/speed.md, "The step as it is now, per kind of machine"). The same on every
+    CPU, so that the same command trains the same weights wherever the CPU computes the same sums."""
     passes = max(1, round(batch_size * patch_size**2 / PASS_PIXELS))
     return -(-batch_size // passes)
 
 
 def last_layer_by_phase(device: torch.device, bf16: bool = False) -> bool:
-    """Whether training computes the last layer by phase (model.conv_by_phase): on a CPU with
-    AVX-512, whose float32 convolutions fill blocks of 16 output channels, it ran the step faster
-    (16 of 48x48: 23.8 ms against 27.5 plain on an AMD EPYC, 15.4 against 18.1 on an Intel Xeon with
-    AMX); with AVX2 (blocks of 8) 3-5% slower, before its backward took the input's gradient the
-    plain way; the GPU has no such blocks. In bf16 on AMX the plain layer is the faster (8.6 against
-    8.8 ms, 9-5-5 on Y 11.0 against 11.2); with AVX512_BF16 alone (AMD EPYC Zen 4) by phase is, as
-    in float32 (13.6 against 15.7 ms, 9-5-5 on Y 33.2-34.5 against 36.5-36.8; docs/speed.md)."""
+    """Whether training computes the last layer by phase (model.conv_by_phase): where it ran the step
+    faster, on a CPU with AVX-512, whose float32 convolutions fill blocks of 16 output channels; not
+    with AVX2 (blocks of 8), nor on a GPU, which has no such blocks; in bf16 with AVX512_BF16 alone
+    as in float32, but with AMX's tiles the plain layer is the faster (docs/speed.md, "Where the
+    step's time goes" and "bf16 on the CPU")."""
     if device.type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
     return not (bf16 and native_bf16() == "AMX")
 
 
 def native_bf16() -> str | None:
-    """How this CPU computes bfloat16 natively: "AMX" (Intel Xeon's tiles), "AVX512_BF16" (AMD EPYC
-    Zen 4 among others), or None: then PyTorch emulates it, several times slower than float32."""
+    """How this CPU computes bfloat16 natively: "AMX" (the tiles of recent Intel CPUs), "AVX512_BF16"
+    (dot products in the vector units), or None: then PyTorch emulates it, several times slower than
+    float32. Native is not always faster (bf16_probe decides)."""
     probes = (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
     return next((name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()), None)
 

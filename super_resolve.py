@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "result exists (a folder run again); default: refused before any work, unless --overwrite")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="what runs the network: auto is ONNX "
-                        "Runtime (1.21 or later) on the CPU when installed (2.5-3x as fast), else PyTorch")
+                        "Runtime (1.21 or later) on the CPU when installed (the faster, docs/speed.md), else PyTorch")
     parser.add_argument("--export", metavar="MODEL.onnx",
                         help="write the network as ONNX (dynamic height and width) instead (default: none)")
     parser.add_argument("--version", action="version", version=info.version_string())
