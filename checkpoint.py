@@ -50,10 +50,29 @@ DEFAULT_SCALE = 3  # what a checkpoint without a scale (a bare state_dict) is ta
 LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"  # the files a run writes into its folder
 
 HERE = Path(__file__).resolve().parent
-# the trained models this project ships, by the network --model names (its filter sizes) and scale
-SHIPPED = {("915", 2): HERE / "models" / "srcnn_x2.pth", ("915", 3): HERE / "checkpoint.pth",
-           ("915", 4): HERE / "models" / "srcnn_x4.pth", ("955", 2): HERE / "models" / "srcnn_955_x2.pth",
-           ("955", 3): HERE / "models" / "srcnn_955_x3.pth", ("955", 4): HERE / "models" / "srcnn_955_x4.pth"}
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A trained model this project ships: its file, the recipe (recipes/) whose one command trained
+    it, and its Y-PSNR on Set5, Set14 and BSD100 (Pillow's bicubic), as the README's table gives them."""
+
+    path: Path
+    recipe: str
+    scores: tuple[float, float, float]
+
+
+# The one list of the shipped models, by the network --model names (its filter sizes) and scale: the
+# README's tables, docs and tests read it from here (tests/test_shipped_model.py).
+SHIPPED_MODELS = {
+    ("915", 2): ShippedModel(HERE / "models" / "srcnn_x2.pth", "x2.args", (36.47, 32.31, 31.14)),
+    ("915", 3): ShippedModel(HERE / "checkpoint.pth", "x3.args", (32.59, 29.17, 28.24)),
+    ("915", 4): ShippedModel(HERE / "models" / "srcnn_x4.pth", "x4.args", (30.32, 27.40, 26.75)),
+    ("955", 2): ShippedModel(HERE / "models" / "srcnn_955_x2.pth", "955y_x2.args", (36.80, 32.53, 31.36)),
+    ("955", 3): ShippedModel(HERE / "models" / "srcnn_955_x3.pth", "955y_x3.args", (32.88, 29.41, 28.44)),
+    ("955", 4): ShippedModel(HERE / "models" / "srcnn_955_x4.pth", "955y_x4.args", (30.54, 27.61, 26.92)),
+}
+SHIPPED = {key: model.path for key, model in SHIPPED_MODELS.items()}  # each one's file
 SHIPPED_NETWORKS = tuple(dict.fromkeys(network for network, _ in SHIPPED))  # --model's choices, 915 first
 MODEL_HELP = ("without a checkpoint, the shipped model of this network and --scale: " + "; ".join(
     f"{n} ({n[0]}-{n[1]}-{n[2]}) at x{', x'.join(str(s) for m, s in SHIPPED if m == n)}" for n in SHIPPED_NETWORKS)

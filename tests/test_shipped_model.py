@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import SHIPPED, check_resumable, load_model, training_sets
+from checkpoint import SHIPPED, SHIPPED_MODELS, check_resumable, load_model, training_sets
 from checkpoint import load as load_checkpoint
 from conftest import ROOT
 from data import load_pairs
@@ -22,11 +22,6 @@ GOALS = {("915", 2): (36.34, 32.18), ("915", 3): (32.50, 29.10), ("915", 4): (30
          ("955", 2): (36.66, 32.42), ("955", 3): (32.75, 29.30),
          ("955", 4): (30.48, 27.49)}
 
-
-# the file of arguments whose one command trained each shipped model
-RECIPES = {("915", 2): "@recipes/x2.args", ("915", 3): "@recipes/x3.args", ("915", 4): "@recipes/x4.args",
-           ("955", 2): "@recipes/955y_x2.args", ("955", 3): "@recipes/955y_x3.args",
-           ("955", 4): "@recipes/955y_x4.args"}
 
 
 WHERE_IT_RAN = ("cuda", "data_root", "checkpoint_dir", "pass_patches")  # where it ran, not what it trained
@@ -43,7 +38,7 @@ def test_shipped_checkpoint_is_what_its_recipe_file_trains(shipped, monkeypatch)
     monkeypatch.chdir(ROOT)
     network, scale = shipped
     checkpoint = load_checkpoint(SHIPPED[shipped])
-    recipe = training_args(["train", RECIPES[shipped]])
+    recipe = training_args(["train", f"@recipes/{SHIPPED_MODELS[shipped].recipe}"])
     assert recipe["scale"] == scale and checkpoint["scale"] == scale
     assert recipe["network"].replace("-", "") == network
     defaults = training_args(["train"])  # options newer than a checkpoint mean their defaults, as for resume
@@ -73,7 +68,9 @@ def test_shipped_checkpoint_scores_what_its_history_says_and_meets_the_goals(rea
     set5 = evaluate(model, load_pairs(real_data / "Set5", scale), scale)["psnr"]
     assert abs(set5 - checkpoint["history"][-1]["psnr"]) < 1e-3
     assert set5 >= GOALS[shipped][0]
-    assert evaluate(model, load_pairs(real_data / "Set14", scale), scale)["psnr"] >= GOALS[shipped][1]
+    set14 = evaluate(model, load_pairs(real_data / "Set14", scale), scale)["psnr"]
+    assert set14 >= GOALS[shipped][1]
+    assert [round(set5, 2), round(set14, 2)] == list(SHIPPED_MODELS[shipped].scores[:2])  # as the one list says
 
 
 @pytest.mark.slow
@@ -107,3 +104,24 @@ def test_model_and_scale_without_a_checkpoint_pick_the_shipped_model(cli, tmp_pa
     assert evaluated.returncode == 0 and f"{SHIPPED['915', 2]}: x2" in evaluated.stdout
     evaluated = cli("train", "evaluate", "--model", "955", "--data-root", str(mini_root), "--sets", "Set5")
     assert evaluated.returncode == 0 and f"{SHIPPED['955', 3]}: x3" in evaluated.stdout
+
+
+def test_one_list_of_shipped_models_that_the_files_recipes_and_readme_agree_with():
+    """Issue 72: the shipped models had been listed in several places that drifted (docs/code.md named
+    three of six, and a recipe of a model no longer shipped stayed). Every model file has its entry in
+    checkpoint.SHIPPED_MODELS, with a recipe in recipes/ and a row of the README's results table with its
+    scores; every recipe in recipes/ is a shipped model's or a speedrun's (docs/training.md)."""
+    files = {ROOT / "checkpoint.pth", *(ROOT / "models").glob("*.pth")}
+    assert files == {model.path for model in SHIPPED_MODELS.values()}
+    readme = (ROOT / "README.md").read_text().splitlines()
+    for model in SHIPPED_MODELS.values():
+        assert (ROOT / "recipes" / model.recipe).is_file(), model.recipe
+        name = model.path.relative_to(ROOT).as_posix()
+        rows = [line for line in readme if line.startswith("| ") and f"`{name}`" in line
+                and all(f"| {score:.2f} |" in line for score in model.scores)]
+        assert rows, f"README: no results row for {name} with {model.scores}"
+        assert any(f"@recipes/{model.recipe}" in line for line in readme), f"README: no command for {model.recipe}"
+    training = (ROOT / "docs" / "training.md").read_text()
+    for recipe in (ROOT / "recipes").iterdir():
+        shipped = recipe.name in {model.recipe for model in SHIPPED_MODELS.values()}
+        assert shipped or recipe.name.startswith("speedrun_") and f"@recipes/{recipe.name}" in training, recipe.name
