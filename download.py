@@ -110,7 +110,7 @@ def fetch_on_first_use(root: str | Path, names: list[str]) -> None:
         return
     base_url = os.environ.get("SRCNN_DATA_URL")
     print(f"note: {', '.join(missing)} not in {root}/: fetching {'them' if len(missing) > 1 else 'it'} "
-          f"(sha256-checked) from {base_url or 'their public URLs'}, as `python data.py download` does",
+          f"(sha256-checked) from {base_url or 'the public URLs in datasets.tsv'}, as `python data.py download` does",
           file=sys.stderr)
     download(root, missing, base_url)
 

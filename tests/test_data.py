@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -84,34 +85,41 @@ def test_images_smaller_than_patch_are_refused(tmp_path):
         TrainingPatches([tmp_path / "T91"], 3, 33, 14)
 
 
-@pytest.fixture()
-def data_server(real_data, tmp_path):
-    """http.server on 127.0.0.1 serving a copy of Set5 (a copy, so a test may corrupt it)."""
-    served = tmp_path / "served"
-    shutil.copytree(real_data / "Set5", served / "Set5")
+@contextlib.contextmanager
+def serve_copies(real_data, names, served):
+    """http.server on 127.0.0.1 serving copies of the sets `names` from `served` (copies, so that a test
+    may corrupt them); yields its URL."""
+    for name in names:
+        shutil.copytree(real_data / name, served / name)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", served
+    yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+def corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def data_server(real_data, tmp_path):
+    """A mirror of Set5."""
+    with serve_copies(real_data, ["Set5"], tmp_path / "served") as url:
+        yield url, tmp_path / "served"
 
 
 @pytest.fixture()
 def first_use(real_data, tmp_path, monkeypatch):
     """A user's first run: the default data root (SRCNN_DATA_ROOT) empty, a mirror on 127.0.0.1
     (SRCNN_DATA_URL) serving copies of T91 and Set5."""
-    served = tmp_path / "served"
-    for name in ("T91", "Set5"):
-        shutil.copytree(real_data / name, served / name)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("SRCNN_DATA_ROOT", str(tmp_path / "datasets"))
-    monkeypatch.setenv("SRCNN_DATA_URL", f"http://127.0.0.1:{server.server_port}")
-    yield tmp_path / "datasets", served
-    server.shutdown()
+    with serve_copies(real_data, ["T91", "Set5"], tmp_path / "served") as url:
+        monkeypatch.setenv("SRCNN_DATA_ROOT", str(tmp_path / "datasets"))
+        monkeypatch.setenv("SRCNN_DATA_URL", url)
+        yield tmp_path / "datasets", tmp_path / "served"
 
 
 @pytest.mark.slow
@@ -133,10 +141,7 @@ def test_the_first_training_run_fetches_the_known_sets_it_needs(cli, first_use, 
 
 def test_a_mirror_serving_a_corrupt_file_on_first_use_keeps_nothing_of_it(cli, first_use, tmp_path):
     root, served = first_use
-    victim = served / "Set5" / "bird.png"
-    data = bytearray(victim.read_bytes())
-    data[1000] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    corrupt(served / "Set5" / "bird.png")
     result = cli("train", "evaluate", "--sets", "Set5")
     assert_clean_error(result, "sha256", "bird.png")
     assert not (root / "Set5" / "bird.png").exists() and not list((root / "Set5").glob(".*"))
@@ -167,10 +172,7 @@ def test_download_fetches_verifies_and_skips(cli, data_server, tmp_path):
 
 def test_download_rejects_corrupt_file(cli, data_server, tmp_path):
     url, served = data_server
-    victim = served / "Set5" / "bird.png"
-    data = bytearray(victim.read_bytes())
-    data[1000] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    corrupt(served / "Set5" / "bird.png")
     root = tmp_path / "datasets"
     result = cli("download", "download", "--root", str(root), "--sets", "Set5", "--base-url", url)
     assert_clean_error(result, "sha256", "bird.png")
@@ -210,14 +212,14 @@ def test_the_fix_for_a_missing_set_works_from_another_folder(cli, monkeypatch, d
     work = tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)
-    result = cli("train", "train", "--data-root", "datasets", "--train-set", "Set5")
+    result = cli("train", "train", "--data-root", "mydata", "--train-set", "Set5")  # not the default: not fetched
     assert_clean_error(result, "fix: python")
     fix = result.stderr.split("fix: ")[1].split(")")[0]
-    assert fix.startswith(f"python {ROOT / 'data.py'} download --root datasets --sets Set5"), fix
+    assert fix.startswith(f"python {ROOT / 'data.py'} download --root mydata --sets Set5"), fix
     command = [sys.executable, *fix.split()[1:]]
     done = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "SRCNN_DATA_URL": url})
     assert done.returncode == 0, done.stderr
-    assert len(list((work / "datasets" / "Set5").iterdir())) == 5
+    assert len(list((work / "mydata" / "Set5").iterdir())) == 5
 
 
 def test_tests_fetch_the_real_sets_into_the_data_root_when_no_folder_has_them(data_server, tmp_path):
