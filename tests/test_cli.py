@@ -330,3 +330,18 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_one(cli, trained, tmp_path):
         result = cli(command[0], *command[1:], str(trained))
         assert_clean_error(result, f"{trained} is a folder, not a checkpoint file", str(trained / "last.pth"))
     assert_clean_error(cli("train", "inspect", str(tmp_path)), "is a folder, not a checkpoint file")
+
+
+@pytest.mark.parametrize("recipe", ["speedrun_32.39.args", "speedrun_32.75.args"])
+def test_each_speedrun_recipe_parses_and_trains_a_few_steps(cli, mini_root, tmp_path, monkeypatch, recipe):
+    """Issue 70: the speedrun recipes, run as the docs run them (@recipes/...), for a few steps of the tiny
+    set (--num-epoch 0.05: a share of one epoch), not to their targets: the files keep parsing and running,
+    from scratch, on T91 alone, with MSE and Adam (there is no other loss or optimizer)."""
+    monkeypatch.chdir(ROOT)
+    lines = (ROOT / "recipes" / recipe).read_text()
+    assert "--init" not in lines and "--train-set" not in lines  # from scratch, on T91 (the default)
+    result = cli("train", "train", f"@recipes/{recipe}", "--num-epoch", "0.05", "--data-root", str(mini_root),
+                 "--checkpoint-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and state["args"]["train_set"] == ["T91"] and state["args"]["init"] == "default"
