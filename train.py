@@ -199,7 +199,7 @@ class Trainer:
         start = time.perf_counter() - position["seconds"]
         window = (position["batch"], position["loss_sum"])  # (batches, loss sum) at the last check
         self.ddp_model.train()
-        with tqdm(total=len(batches), initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
+        with tqdm(total=steps, initial=position["batch"], desc=f"epoch {progress.epoch + 1}", leave=False,
                   file=sys.stderr, disable=not processes.main) as bar:
             for i in range(position["batch"], steps):
                 try:
