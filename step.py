@@ -196,16 +196,17 @@ def bf16_probe(model: nn.Module, batch_size: int, patch_size: int, pass_patches:
     x, y = (torch.rand(shape, generator=generator).contiguous(memory_format=torch.channels_last) for _ in "xy")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best = {"float32": math.inf, "bf16": math.inf}
-    copies = {name: copy.deepcopy(model) for name in best}
-    for name, probe_model in copies.items():
+    runs = {}  # each precision's copy of the network, its Adam and its autocast
+    for name in best:
+        probe_model = copy.deepcopy(model)
         probe_model.last_layer_by_phase = last_layer_by_phase(torch.device("cpu"), name == "bf16")
+        runs[name] = (probe_model, torch.optim.Adam(probe_model.parameters()),
+                      torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16", cache_enabled=False))
     for round_ in range(repeats + 1):
-        for name, probe_model in copies.items():
-            optimizer = torch.optim.Adam(probe_model.parameters())
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16", cache_enabled=False)
+        for name, (probe_model, optimizer, autocast) in runs.items():
             start = time.perf_counter()
             train_step(probe_model, optimizer, x, y, autocast, scaler, border, pass_patches)
-            if round_:  # the first round sets up each precision's kernels
+            if round_:  # the first round sets up each precision's kernels and Adam's state
                 best[name] = min(best[name], (time.perf_counter() - start) * 1000)
     return {"float32_ms": round(best["float32"], 2), "bf16_ms": round(best["bf16"], 2)}
 

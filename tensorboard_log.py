@@ -67,9 +67,6 @@ class RunBoard:
         """An epoch's evaluation (its history record), the epoch and the minutes of training so far."""
         scalars = {f"{eval_set}/psnr": record["psnr"], f"{eval_set}/ssim": record["ssim"],
                    "progress/epoch": record["epoch"], "progress/minutes": minutes}
-        if self.walltime is not None:  # a history: the epoch's loss and rate, as the live run logs them
-            scalars |= {"train/loss": record["loss"], "train/lr": record.get("lr", math.nan),
-                        "train/patches_per_s": record["patches_per_s"]}
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step, self.walltime)
 
@@ -126,6 +123,7 @@ def write_history(folder: Path, state: dict) -> int:
     eval_set = args.get("eval_set", "Set5")
     for record, (step, seconds) in zip(history, ends, strict=True):
         board.walltime = seconds
+        board.training(step, record["loss"], record.get("lr", math.nan), record["patches_per_s"])  # the epoch's
         board.evaluation(step, eval_set, record, seconds / 60)
     if history:
         figures = {"best_psnr": state.get("best_psnr", math.nan), "last_psnr": history[-1]["psnr"]}
